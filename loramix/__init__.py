@@ -1,0 +1,11 @@
+"""loramix: MixLoRA fine-tuning for Hugging Face causal language models."""
+
+from .config import MixLoraConfig
+from .errors import LoramixError
+from .families import FAMILIES
+from .model import MixLoraModel, MixLoraModelForCausalLM, get_mixlora_model
+
+__version__ = "0.1.0"
+
+__all__ = ["FAMILIES", "LoramixError", "MixLoraConfig", "MixLoraModel", "MixLoraModelForCausalLM",
+           "get_mixlora_model", "__version__"]
