@@ -158,7 +158,7 @@ def load_adapter_weights(model: "MixLoraModel", directory: str) -> None:
     safetensors_path = os.path.join(directory, SAFETENSORS_NAME)
     upstream_path = os.path.join(directory, UPSTREAM_WEIGHTS_NAME)
     if os.path.isfile(safetensors_path):
-        tensors = _read_safetensors(safetensors_path, model)
+        tensors = _read_safetensors(safetensors_path)
         source = safetensors_path
     elif os.path.isfile(upstream_path):
         tensors = _stack_upstream(_read_torch_bin(upstream_path), model, upstream_path)
@@ -168,23 +168,33 @@ def load_adapter_weights(model: "MixLoraModel", directory: str) -> None:
     _copy_into(model, tensors, source)
 
 
-def _read_safetensors(path: str, model: "MixLoraModel") -> dict[str, torch.Tensor]:
+def check_base_matches(directory: str, base_model) -> None:
+    """Before injecting: the base's model_type and layer count must match those recorded in our file."""
+    path = os.path.join(directory, SAFETENSORS_NAME)
+    if not os.path.isfile(path):
+        return
+    metadata = _open_safetensors(path, lambda fh: fh.metadata() or {})
+    from .families import decoder_layers, family_for
+
+    found_type, base_type = metadata.get("model_type"), base_model.config.model_type
+    if found_type and found_type != base_type:
+        raise LoramixError(f"{path}: adapter was trained on model_type {found_type!r}, the base model is {base_type!r}")
+    found_layers = metadata.get("num_hidden_layers")
+    base_layers = len(decoder_layers(base_model, family_for(base_model)))
+    if found_layers and int(found_layers) != base_layers:
+        raise LoramixError(f"{path}: adapter has {found_layers} layers, the base model has {base_layers}")
+
+
+def _open_safetensors(path: str, read: Callable):
     try:
         with safe_open(path, framework="pt") as fh:
-            metadata = fh.metadata() or {}
-            found_type = metadata.get("model_type")
-            if found_type and found_type != model.config.model_type:
-                raise LoramixError(f"{path}: adapter was trained on model_type {found_type!r}, "
-                                   f"the base model is {model.config.model_type!r}")
-            found_layers = metadata.get("num_hidden_layers")
-            if found_layers and int(found_layers) != len(model.moe_layers()):
-                raise LoramixError(f"{path}: adapter has {found_layers} layers, "
-                                   f"the base model has {len(model.moe_layers())}")
-            return {key: fh.get_tensor(key) for key in fh.keys()}
-    except LoramixError:
-        raise
+            return read(fh)
     except Exception as exc:
         raise LoramixError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    return _open_safetensors(path, lambda fh: {key: fh.get_tensor(key) for key in fh.keys()})
 
 
 def _read_torch_bin(path: str) -> dict[str, torch.Tensor]:
@@ -222,16 +232,17 @@ def _stack_upstream(state: dict[str, torch.Tensor], model: "MixLoraModel", path:
 
 
 def _copy_into(model: "MixLoraModel", tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Check keys and shapes in the model's parameter order (so the first error is the first layer's), then copy."""
     params = dict(model.trainable_parameters())
-    for key, tensor in tensors.items():
-        if key not in params:
-            raise LoramixError(f"{source}: unexpected key {key!r} (not part of this model's adapter)")
-        if tuple(tensor.shape) != tuple(params[key].shape):
-            raise LoramixError(f"{source}: key {key!r} has shape {tuple(tensor.shape)}, "
-                               f"expected {tuple(params[key].shape)}")
-    for key in params:
+    for key, param in params.items():
         if key not in tensors:
             raise LoramixError(f"{source}: missing key {key!r}")
+        if tuple(tensors[key].shape) != tuple(param.shape):
+            raise LoramixError(f"{source}: key {key!r} has shape {tuple(tensors[key].shape)}, "
+                               f"expected {tuple(param.shape)}")
+    for key in tensors:
+        if key not in params:
+            raise LoramixError(f"{source}: unexpected key {key!r} (not part of this model's adapter)")
     with torch.no_grad():
-        for key, tensor in tensors.items():
-            params[key].copy_(tensor)
+        for key, param in params.items():
+            param.copy_(tensors[key])

@@ -116,12 +116,18 @@ class MixLoraModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """transformers' gradient checkpointing, non-reentrant so router logits keep their graph."""
+        """transformers' activation checkpointing, non-reentrant so router logits keep their graph."""
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
-        self.base_model.gradient_checkpointing_disable()
+        if hasattr(self.base_model, "activation_checkpointing_disable"):
+            self.base_model.activation_checkpointing_disable()
+        else:
+            self.base_model.gradient_checkpointing_disable()
 
     # ---- forward ---------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -169,6 +175,7 @@ class MixLoraModel(nn.Module):
         adapter_path = os.fspath(adapter_path)
         config = formats.read_adapter_config(adapter_path)
         family_for(base_model)  # an unsupported base fails before anything is read
+        formats.check_base_matches(adapter_path, base_model)
         model = cls(base_model, config)
         formats.load_adapter_weights(model, adapter_path)
         for _, param in model.trainable_parameters():
