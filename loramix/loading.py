@@ -1,0 +1,103 @@
+"""Load a base model and tokenizer (hub id, local folder or .gguf file) and put an adapter on top of it."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from .errors import LoramixError
+from .runconfig import ModelSpec
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or os.path.exists(path) or path.endswith(".gguf")
+
+
+def _source(path: str, gguf_file: str | None) -> tuple[str, dict[str, Any]]:
+    """(folder or hub id, extra from_pretrained kwargs) for a path that may name a .gguf file directly."""
+    if path.endswith(".gguf") and gguf_file is None:
+        if not os.path.isfile(path):
+            raise LoramixError(f"{path}: no such .gguf file")
+        return os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
+    if _looks_local(path) and not os.path.exists(path):
+        raise LoramixError(f"{path}: no such model folder")
+    return path, ({"gguf_file": gguf_file} if gguf_file else {})
+
+
+def load_tokenizer(spec: ModelSpec) -> Any:
+    """The tokenizer from ``spec.tokenizer`` or else the model's own folder / gguf file / hub id."""
+    from transformers import AutoTokenizer
+
+    where, kwargs = _source(spec.tokenizer or spec.name_or_path, None if spec.tokenizer else spec.gguf_file)
+    try:
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=spec.trust_remote_code, **kwargs)
+    except (OSError, ValueError, TypeError) as e:
+        raise LoramixError(f"could not load a tokenizer from {where!r} ({str(e).splitlines()[0]}); "
+                           "set model.tokenizer (--tokenizer) to a tokenizer folder") from None
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(spec: ModelSpec) -> Any:
+    """The HF causal LM, frozen-ready, in ``spec.dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    if spec.dtype not in _DTYPES:
+        raise LoramixError(f"model.dtype must be one of {', '.join(_DTYPES)}, found {spec.dtype!r}")
+    where, kwargs = _source(spec.name_or_path, spec.gguf_file)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=_DTYPES[spec.dtype],
+                                                     trust_remote_code=spec.trust_remote_code, **kwargs)
+    except (OSError, ValueError) as e:
+        raise LoramixError(f"could not load model {where!r}: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def adapter_kind(path: str) -> str:
+    """"mixlora" or "lora" from an adapter folder's adapter_config.json ``peft_type``."""
+    cfg_path = os.path.join(path, "adapter_config.json")
+    if not os.path.isdir(path):
+        raise LoramixError(f"{path}: no such adapter folder")
+    if not os.path.isfile(cfg_path):
+        raise LoramixError(f"{path}: not an adapter folder (no adapter_config.json)")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            peft_type = str(json.load(f).get("peft_type", "")).upper()
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise LoramixError(f"{cfg_path}: malformed adapter config ({e})") from None
+    if peft_type == "MIXLORA":
+        return "mixlora"
+    if peft_type == "LORA":
+        return "lora"
+    raise LoramixError(f"{cfg_path}: peft_type {peft_type!r} is not supported (MIXLORA or LORA)")
+
+
+def attach_adapter(base: Any, path: str | None) -> Any:
+    """Base model with the adapter in ``path`` (MixLoRA or PEFT LoRA) in eval mode; the bare model if None."""
+    if path is None:
+        return base.eval()
+    kind = adapter_kind(path)
+    try:
+        if kind == "mixlora":
+            from .model import MixLoraModel
+
+            return MixLoraModel.from_pretrained(base, path).eval()
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, path).eval()
+    except LoramixError as e:
+        raise LoramixError(f"adapter {path} does not fit this model: {e}") from None
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise LoramixError(f"adapter {path} does not fit this model: {str(e).splitlines()[0]}") from None
+
+
+def load_model(spec: ModelSpec, adapter: str | None = None) -> tuple[Any, Any]:
+    """(model with adapter or bare, tokenizer)."""
+    tokenizer = load_tokenizer(spec)
+    return attach_adapter(load_base_model(spec), adapter), tokenizer

@@ -1,0 +1,237 @@
+"""Fine-tuning from a RunConfig on Accelerate: optimiser, schedule, accumulation, checkpoints, resume, logs.
+
+The micro-batch stream is a pure function of (seed, step): epoch ``e`` visits the examples in the order
+``randperm(N, seed + e)``, and optimizer step ``s`` consumes micro-batches ``s*acc .. s*acc+acc-1`` of that
+stream. Together with the saved optimizer/scheduler/RNG state this makes ``resume`` continue exactly where
+an uninterrupted run would be.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+
+from . import checkpoint as ckpt
+from .data import IGNORE_INDEX, Encoder, collate, load_mixture, pad_token_id
+from .errors import LoramixError
+from .loading import load_base_model, load_tokenizer
+from .runconfig import RunConfig, TrainSpec
+
+LOG_NAME = "log.jsonl"
+ADAPTER_DIR = "adapter"
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_adapter_model(base: Any, adapter: dict[str, Any]) -> Any:
+    """Wrap the base model with a fresh adapter: ``type: mixlora`` (loramix) or ``type: lora`` (HF PEFT)."""
+    keys = {k: v for k, v in adapter.items() if k != "type"}
+    if adapter.get("type", "mixlora") == "mixlora":
+        from .config import MixLoraConfig
+        from .model import get_mixlora_model
+
+        return get_mixlora_model(base, MixLoraConfig.from_dict(keys, source="adapter"))
+    from peft import LoraConfig, get_peft_model
+
+    try:
+        return get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **keys))
+    except TypeError as e:
+        raise LoramixError(f"adapter (type lora): {e}") from None
+
+
+def trainable(model: Any) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def make_optimizer(model: Any, t: TrainSpec) -> torch.optim.Optimizer:
+    """AdamW; LoRA+ multiplies the learning rate of ``lora_B`` tensors; 1-D tensors get no weight decay."""
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in trainable(model):
+        lr = t.learning_rate * (t.loraplus_lr_ratio if "lora_B" in name else 1.0)
+        wd = t.weight_decay if p.ndim > 1 else 0.0
+        groups.setdefault((lr, wd), []).append(p)
+    if not groups:
+        raise LoramixError("the adapter has no trainable parameters (check adapter.target_modules)")
+    return torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
+                             lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+
+
+@dataclasses.dataclass
+class Plan:
+    """How many examples, micro-batches per epoch and optimizer steps in total."""
+
+    n_examples: int
+    micro_per_epoch: int
+    total_steps: int
+
+    def micro_batch(self, m: int, mbs: int, seed: int) -> list[int]:
+        """Example indices of global micro-batch ``m``."""
+        epoch, i = divmod(m, self.micro_per_epoch)
+        perm = torch.randperm(self.n_examples, generator=torch.Generator().manual_seed(seed + epoch))
+        return perm[i * mbs:(i + 1) * mbs].tolist()
+
+
+def make_plan(n: int, t: TrainSpec) -> Plan:
+    micro = math.ceil(n / t.micro_batch_size)
+    total = t.max_steps if t.max_steps else math.ceil(t.epochs * micro / t.gradient_accumulation_steps)
+    if total < 1:
+        raise LoramixError("training would run 0 steps: raise train.epochs or set train.max_steps")
+    return Plan(n, micro, total)
+
+
+class _Logger:
+    """JSON-lines log, TensorBoard when installed, and the progress bar."""
+
+    def __init__(self, output_dir: str, total: int, start: int, show_bar: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.path = os.path.join(output_dir, LOG_NAME)
+        self.bar = tqdm(total=total, initial=start, desc="train", disable=not show_bar, dynamic_ncols=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, record["step"])
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", aux=f"{record['aux_loss']:.4f}", lr=f"{record['lr']:.2e}")
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _save(path: str, model: Any, optimizer: Any, scheduler: Any, step: int, cfg: RunConfig) -> None:
+    def write(tmp: str) -> None:
+        model.save_pretrained(tmp)
+        torch.save({"step": step, "params": {n: p.detach().cpu().clone() for n, p in trainable(model)},
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": ckpt.rng_state()}, os.path.join(tmp, ckpt.STATE_NAME))
+        with open(os.path.join(tmp, "run_config.yaml"), "w", encoding="utf-8") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    ckpt.atomic_dir(path, write)
+
+
+def _restore(path: str, model: Any, optimizer: Any, scheduler: Any) -> int:
+    state = ckpt.load_state(path)
+    params = dict(trainable(model))
+    if set(params) != set(state["params"]):
+        raise LoramixError(f"{path}: checkpoint does not match this adapter config (different parameters)")
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            if params[name].shape != value.shape:
+                raise LoramixError(f"{path}: checkpoint tensor {name} has shape {tuple(value.shape)}, "
+                                   f"the adapter expects {tuple(params[name].shape)}")
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    ckpt.set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] = print) -> str:
+    """Run the training described by ``cfg``; return the path of the final adapter folder."""
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    t = cfg.train
+    out = t.output_dir
+    specs = [dataclasses.replace(s, template=s.template or cfg.data.template) for s in cfg.data.datasets]
+    examples = load_mixture(specs, seed=t.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    encoder = Encoder(tokenizer, cutoff_len=cfg.data.cutoff_len, train_on_inputs=cfg.data.train_on_inputs,
+                      add_eos=cfg.data.add_eos)
+    features = [f for f in map(encoder.encode_train, examples) if any(x != IGNORE_INDEX for x in f["labels"][1:])]
+    if len(features) < len(examples):
+        echo(f"note: {len(examples) - len(features)} examples have no answer tokens left within "
+             f"cutoff_len={cfg.data.cutoff_len} and are skipped")
+    if not features:
+        raise LoramixError("no training example has answer tokens within data.cutoff_len")
+    plan = make_plan(len(features), t)
+
+    set_seed(t.seed)
+    model = build_adapter_model(load_base_model(cfg.model), cfg.adapter)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    optimizer = make_optimizer(model, t)
+    warmup = t.warmup_steps or math.ceil(t.warmup_ratio * plan.total_steps)
+    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=plan.total_steps)
+
+    ckpt.clean_partial(out)
+    os.makedirs(out, exist_ok=True)
+    step = 0
+    if resume:
+        found = ckpt.list_checkpoints(out)
+        if found:
+            step = _restore(found[-1][1], model, optimizer, scheduler)
+            echo(f"resuming from {found[-1][1]} (step {step} of {plan.total_steps})")
+        else:
+            echo(f"no checkpoint in {out}; starting from scratch")
+    elif ckpt.list_checkpoints(out) or os.path.isfile(os.path.join(out, LOG_NAME)):
+        raise LoramixError(f"{out} already holds a run; pass --resume to continue it or choose another "
+                           "train.output_dir")
+
+    accelerator = Accelerator(mixed_precision="bf16" if t.precision == "bf16" else "no")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    pad = pad_token_id(tokenizer)
+    acc = t.gradient_accumulation_steps
+    echo(f"training on {plan.n_examples} examples: {plan.total_steps} steps of {acc} x {t.micro_batch_size}")
+    logger = _Logger(out, plan.total_steps, step, t.progress_bar)
+    start = time.time()
+    try:
+        while step < plan.total_steps:
+            losses, auxes = [], []
+            for m in range(step * acc, (step + 1) * acc):
+                batch = collate([features[i] for i in plan.micro_batch(m, t.micro_batch_size, t.seed)], pad)
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                with accelerator.autocast():
+                    output = model(**batch)
+                aux = getattr(output, "aux_loss", None)
+                accelerator.backward(output.loss / acc)
+                losses.append(output.loss.item())
+                auxes.append(0.0 if aux is None else aux.item())
+            grad_norm = None
+            if t.max_grad_norm:
+                grad_norm = float(accelerator.clip_grad_norm_([p for _, p in trainable(model)], t.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            logger.bar.update(1)
+            if step % t.logging_steps == 0 or step == plan.total_steps:
+                logger.log({"step": step, "epoch": round(step * acc / plan.micro_per_epoch, 4),
+                            "loss": sum(losses) / acc, "aux_loss": sum(auxes) / acc,
+                            "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                            "elapsed_s": round(time.time() - start, 2)})
+            if (t.save_steps and step % t.save_steps == 0) or step == plan.total_steps:
+                _save(os.path.join(out, f"checkpoint-{step}"), accelerator.unwrap_model(model), optimizer, scheduler,
+                      step, cfg)
+                ckpt.rotate(out, t.save_total_limit)
+    finally:
+        logger.close()
+    final = os.path.join(out, ADAPTER_DIR)
+    ckpt.atomic_dir(final, accelerator.unwrap_model(model).save_pretrained)
+    echo(f"adapter saved to {final}")
+    return final
