@@ -7,23 +7,36 @@ import difflib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import LoramixError
 
 INIT_CHOICES = ("original", "gaussian")
-EXPERT_LORA_KEYS = ("r", "lora_alpha", "lora_dropout")
+EXPERT_LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "use_dora", "use_rslora", "init_lora_weights")
 CONFIG_NAME = "adapter_config.json"
+# Our routing names and the reference's ``routing_strategy`` for each.
+ROUTINGS = {"top_k": "mixlora", "top_p": "mixlora-dynamic", "switch": "mixlora-switch"}
+# Per-routing defaults of the fields left as None (the reference's defaults, spec section 1.2).
+ROUTING_DEFAULTS = {
+    "top_k": {"top_k": 2, "router_init_range": 0.02, "jitter_noise": 0.0},
+    "top_p": {"router_init_range": 0.02, "jitter_noise": 0.0},
+    "switch": {"top_k": 1, "router_init_range": 1.0, "jitter_noise": 0.01},
+}
 
 
 @dataclass
 class MixLoraConfig:
     """Hyper-parameters of a MixLoRA adapter.
 
-    Attention projections get one LoRA each (``r``, ``lora_alpha``, ``lora_dropout``); every
-    FFN projection gets ``num_experts`` stacked expert LoRAs (the same values unless
-    ``expert_lora`` overrides them); a bias-free fp32 router per layer picks ``top_k`` experts.
+    Attention projections get one LoRA each (``r``, ``lora_alpha``, ``lora_dropout``, ``use_dora``);
+    every FFN projection gets ``num_experts`` stacked expert LoRAs (the same values unless
+    ``expert_lora`` overrides them); a bias-free fp32 router per layer picks experts by ``routing``:
+    ``"top_k"`` (``top_k`` experts, weights renormalised), ``"top_p"`` (experts in order of probability
+    until their cumulative probability exceeds ``top_p``, weights not renormalised, ``temperature``
+    divides the logits) or ``"switch"`` (one expert with capacity, see docs/variants.md).
+    Fields left as None take the routing's default (``ROUTING_DEFAULTS``).
     """
 
     r: int = 8
@@ -31,12 +44,19 @@ class MixLoraConfig:
     lora_dropout: float = 0.05
     target_modules: list[str] | None = None
     use_rslora: bool = False
+    use_dora: bool = False
     init_lora_weights: str = "original"
     num_experts: int = 8
-    top_k: int = 2
-    router_init_range: float = 0.02
-    jitter_noise: float = 0.0
+    routing: str = "top_k"
+    top_k: int | None = None
+    top_p: float = 0.8
+    temperature: float = 1.0
+    capacity_factor: float = 1.0
+    expert_capacity: int | None = None
+    router_init_range: float | None = None
+    jitter_noise: float | None = None
     router_aux_loss_coef: float = 0.001
+    router_z_loss_coef: float = 0.001
     router_loss: bool = True
     expert_lora: dict[str, Any] | None = None
     act_fn: str | None = None
@@ -44,6 +64,10 @@ class MixLoraConfig:
     task_type: str | None = "CAUSAL_LM"
 
     def __post_init__(self) -> None:
+        if self.routing in ROUTING_DEFAULTS:
+            for key, value in ROUTING_DEFAULTS[self.routing].items():
+                if getattr(self, key) is None:
+                    setattr(self, key, value)
         self.validate()
 
     # ---- validation -------------------------------------------------------------------------
@@ -61,36 +85,56 @@ class MixLoraConfig:
                 raise LoramixError("config field 'target_modules' is empty: name at least one projection")
             self.target_modules = list(self.target_modules)
         _check_bool("use_rslora", self.use_rslora)
-        if self.init_lora_weights not in INIT_CHOICES:
-            raise LoramixError(
-                f"config field 'init_lora_weights' must be one of {list(INIT_CHOICES)}, got {self.init_lora_weights!r}"
-            )
+        _check_bool("use_dora", self.use_dora)
+        _check_init("init_lora_weights", self.init_lora_weights)
         _check_int("num_experts", self.num_experts, minimum=1)
-        _check_int("top_k", self.top_k, minimum=1)
-        if self.top_k > self.num_experts:
-            raise LoramixError(
-                f"config field 'top_k' ({self.top_k}) must not exceed 'num_experts' ({self.num_experts})"
-            )
+        self._validate_routing()
         _check_number("router_init_range", self.router_init_range, minimum=0)
         _check_number("jitter_noise", self.jitter_noise, minimum=0, maximum=1, upper_strict=True)
         _check_number("router_aux_loss_coef", self.router_aux_loss_coef, minimum=0)
+        _check_number("router_z_loss_coef", self.router_z_loss_coef, minimum=0)
         _check_bool("router_loss", self.router_loss)
         if self.expert_lora is not None:
             if not isinstance(self.expert_lora, dict):
                 raise LoramixError(f"config field 'expert_lora' must be a mapping, got {self.expert_lora!r}")
             for key, value in self.expert_lora.items():
                 _reject_unknown(key, EXPERT_LORA_KEYS, "expert_lora key")
+                name = f"expert_lora.{key}"
                 if key == "r":
-                    _check_int("expert_lora.r", value, minimum=1)
+                    _check_int(name, value, minimum=1)
                 elif key == "lora_alpha":
-                    _check_number("expert_lora.lora_alpha", value, minimum=0, strict=True)
+                    _check_number(name, value, minimum=0, strict=True)
+                elif key == "lora_dropout":
+                    _check_number(name, value, minimum=0, maximum=1, upper_strict=True)
+                elif key == "init_lora_weights":
+                    _check_init(name, value)
                 else:
-                    _check_number("expert_lora.lora_dropout", value, minimum=0, maximum=1, upper_strict=True)
+                    _check_bool(name, value)
         if self.act_fn is not None:
             from transformers.activations import ACT2FN
 
             if self.act_fn not in ACT2FN:
                 _reject_unknown(self.act_fn, sorted(ACT2FN), "act_fn value")
+
+    def _validate_routing(self) -> None:
+        if self.routing not in ROUTINGS:
+            _reject_unknown(self.routing, list(ROUTINGS), "routing")
+        if self.routing == "top_p":
+            if self.top_k is not None:
+                raise LoramixError("config field 'top_k' is not used by routing 'top_p' (set 'top_p' instead)")
+            _check_number("top_p", self.top_p, minimum=0, maximum=1, strict=True)
+        else:
+            _check_int("top_k", self.top_k, minimum=1)
+            if self.top_k > self.num_experts:
+                raise LoramixError(
+                    f"config field 'top_k' ({self.top_k}) must not exceed 'num_experts' ({self.num_experts})"
+                )
+        if self.routing == "switch" and self.top_k != 1:
+            raise LoramixError(f"config field 'top_k' must be 1 with routing 'switch' (one expert), got {self.top_k}")
+        _check_number("temperature", self.temperature, minimum=0, strict=True)
+        _check_number("capacity_factor", self.capacity_factor, minimum=0, strict=True)
+        if self.expert_capacity is not None:
+            _check_int("expert_capacity", self.expert_capacity, minimum=1)
 
     # ---- derived values -------------------------------------------------------------------------
     def expert_value(self, key: str) -> Any:
@@ -103,26 +147,28 @@ class MixLoraConfig:
         """LoRA scale ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) for attention or expert LoRAs."""
         r = self.expert_value("r") if expert else self.r
         alpha = self.expert_value("lora_alpha") if expert else self.lora_alpha
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        rslora = self.expert_value("use_rslora") if expert else self.use_rslora
+        return alpha / math.sqrt(r) if rslora else alpha / r
 
     # ---- serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"peft_type": "MIXLORA", "routing_strategy": "mixlora", **dataclasses.asdict(self)}
+        return {"peft_type": "MIXLORA", "routing_strategy": ROUTINGS[self.routing], **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "MixLoraConfig":
-        """Build from our JSON dict or the reference's ``adapter_config.json`` (MoE-PEFT key names)."""
+        """Build from our JSON dict or the reference's ``adapter_config.json`` (MoE-PEFT key names).
+
+        A dict without our ``routing`` key is read with the reference's meanings: its ``routing_strategy``
+        picks the routing, and a top-p ``temperature`` of 0 means none (see docs/variants.md).
+        """
         if not isinstance(data, dict):
             raise LoramixError(f"{source}: expected a JSON object, got {type(data).__name__}")
         data = dict(data)
         peft_type = data.pop("peft_type", "MIXLORA")
         if peft_type is not None and str(peft_type).upper() != "MIXLORA":
             raise LoramixError(f"{source}: peft_type {peft_type!r} is not a MixLoRA adapter (expected 'MIXLORA')")
-        strategy = data.pop("routing_strategy", "mixlora")
-        if strategy != "mixlora":
-            raise LoramixError(
-                f"{source}: routing_strategy {strategy!r} is not supported yet (supported: 'mixlora', top-k routing)"
-            )
+        if "routing_strategy" in data:
+            _read_routing_strategy(data, source)
         # Reference (MoE-PEFT) names and keys that carry no information for us.
         if "lora_init" in data:
             data["init_lora_weights"] = data.pop("lora_init")
@@ -134,8 +180,10 @@ class MixLoraConfig:
         if isinstance(data.get("target_modules"), dict):  # reference also allows {name: bool}
             data["target_modules"] = [k for k, on in data["target_modules"].items() if on]
         if isinstance(data.get("expert_lora"), dict):
-            data["expert_lora"] = {k: v for k, v in data["expert_lora"].items()
-                                   if k not in ("bias", "peft_type", "target_modules")}
+            expert = {k: v for k, v in data["expert_lora"].items() if k not in ("bias", "peft_type", "target_modules")}
+            if "lora_init" in expert:
+                expert["init_lora_weights"] = expert.pop("lora_init")
+            data["expert_lora"] = expert
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key in data:
             _reject_unknown(key, list(fields), f"{source} key")
@@ -162,6 +210,33 @@ class MixLoraConfig:
         except json.JSONDecodeError as exc:
             raise LoramixError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
         return cls.from_dict(data, source=path)
+
+
+def _read_routing_strategy(data: dict[str, Any], source: str) -> None:
+    """In place: the reference's ``routing_strategy`` becomes our ``routing`` (they must agree if both are given)."""
+    strategy = data.pop("routing_strategy")
+    by_strategy = {v: k for k, v in ROUTINGS.items()}
+    if strategy not in by_strategy:
+        raise LoramixError(f"{source}: routing_strategy {strategy!r} is not supported "
+                           f"(supported: {', '.join(repr(s) for s in by_strategy)})")
+    if "routing" in data:
+        if data["routing"] != by_strategy[strategy]:
+            raise LoramixError(f"{source}: routing {data['routing']!r} contradicts routing_strategy {strategy!r}")
+        return
+    data["routing"] = by_strategy[strategy]
+    if data["routing"] == "top_p" and "temperature" in data:
+        temperature = data["temperature"]
+        if temperature == 0:  # the reference's "no temperature"
+            data["temperature"] = 1.0
+        elif isinstance(temperature, (int, float)) and temperature > 0:
+            warnings.warn(f"{source}: the reference divides top-p probabilities by temperature {temperature} "
+                          "(scaling the layer output); loramix divides the router logits, so this adapter "
+                          "routes differently here (docs/variants.md)", stacklevel=3)
+
+
+def _check_init(name: str, value: Any) -> None:
+    if value not in INIT_CHOICES:
+        raise LoramixError(f"config field {name!r} must be one of {list(INIT_CHOICES)}, got {value!r}")
 
 
 def _reject_unknown(key: str, allowed: list[str] | tuple[str, ...], what: str) -> None:

@@ -1,4 +1,4 @@
-"""Stacked expert LoRA parameters and the grouped (sorted-segment) matmuls that apply them."""
+"""Stacked expert LoRA parameters: all experts' A or B as one matmul, or one expert at a time."""
 
 from __future__ import annotations
 
@@ -6,35 +6,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import init_lora_A
-
-
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Per-expert linear over contiguous segments.
-
-    x: ``[P, in]`` rows sorted by expert; weight: ``[E, out, in]``; counts: rows per expert (sum P).
-    Returns ``[P, out]`` with row block e equal to ``x_e @ weight[e].T``.
-    """
-    pieces = [F.linear(chunk, weight[e]) for e, chunk in enumerate(x.split(counts)) if chunk.shape[0]]
-    if not pieces:
-        return x.new_zeros(0, weight.shape[1])
-    return torch.cat(pieces, dim=0)
+from .lora import adapted_projection, dora_weight_norm, init_lora_A
 
 
 class ExpertLoras(nn.Module):
     """The E LoRAs of one FFN projection, stacked: A ``[E, r, in]``, B ``[E, out, r]`` (fp32).
 
-    Expert e's delta on input u is ``scaling * B[e] A[e] dropout(u)``.
+    Expert e's delta on input u is ``scaling * B[e] A[e] dropout(u)``. With ``use_dora`` each expert
+    also has a DoRA magnitude, ``lora_magnitude`` ``[E, out]``, set by :meth:`reset_magnitude`; DoRA
+    experts are applied one at a time by :meth:`project` (the magnitude rescales after the projection).
     """
 
     def __init__(self, num_experts: int, in_features: int, out_features: int, *, r: int, scaling: float,
-                 dropout: float, init: str, device: torch.device | None = None) -> None:
+                 dropout: float, init: str, device: torch.device | None = None, use_dora: bool = False) -> None:
         super().__init__()
         self.lora_A = nn.Parameter(torch.empty(num_experts, r, in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, r, device=device, dtype=torch.float32))
         init_lora_A(self.lora_A, init, r)
         self.scaling = scaling
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_magnitude = None
+        if use_dora:
+            self.lora_magnitude = nn.Parameter(torch.empty(num_experts, out_features, device=device,
+                                                           dtype=torch.float32))
 
     @property
     def num_experts(self) -> int:
@@ -44,25 +38,42 @@ class ExpertLoras(nn.Module):
     def rank(self) -> int:
         return self.lora_A.shape[1]
 
-    def shared_input_delta(self, x: torch.Tensor, pair_rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Deltas for (token, expert) pairs whose inputs are token rows shared by all experts.
+    @property
+    def dropout_p(self) -> float:
+        """The active dropout probability on the LoRA input (0 in eval mode or without dropout)."""
+        return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) and self.training else 0.0
 
-        x: ``[T, in]`` all tokens; pair_rows: ``[P]`` index into the ``[T*E]`` grid of (token, expert),
-        sorted by expert; counts: pairs per expert. All experts' A run as one ``[T, E*r]`` matmul.
-        Returns fp32 ``[P, out]``.
-        """
-        low = F.linear(self.lora_dropout(x.float()), self.lora_A.flatten(0, 1))      # [T, E*r]
-        low = low.view(-1, self.rank).index_select(0, pair_rows)                      # [P, r]
-        return grouped_linear(low, self.lora_B, counts) * self.scaling
+    def low_rank_all(self, x: torch.Tensor) -> torch.Tensor:
+        """All experts' ``A dropout(x)`` in one matmul. x: ``[T, in]`` -> fp32 ``[T, E*r]`` (expert-major)."""
+        return F.linear(self.lora_dropout(x.float()), self.lora_A.flatten(0, 1))
 
-    def pair_input_delta(self, u: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Deltas for pairs with their own inputs. u: ``[P, in]`` sorted by expert -> fp32 ``[P, out]``."""
-        low = grouped_linear(self.lora_dropout(u.float()), self.lora_A, counts)       # [P, r]
-        return grouped_linear(low, self.lora_B, counts) * self.scaling
+    def expand_low_rank(self, low: torch.Tensor) -> torch.Tensor:
+        """All experts' B in one matmul: ``scaling * sum_e B_e low[:, e]``. low: ``[T, E*r]`` -> fp32 ``[T, out]``."""
+        B = self.lora_B.permute(1, 0, 2).reshape(self.lora_B.shape[1], -1)            # [out, E*r]
+        return F.linear(low, B) * self.scaling
 
     def delta(self, u: torch.Tensor, expert: int) -> torch.Tensor:
         """One expert's delta, straight from the formula. u: ``[n, in]`` -> fp32 ``[n, out]``."""
         return F.linear(F.linear(self.lora_dropout(u.float()), self.lora_A[expert]), self.lora_B[expert]) * self.scaling
 
+    def weight_norms(self, base_layer: nn.Module) -> torch.Tensor:
+        """``||W + s B_e A_e||_row`` per expert, fp32 ``[E, out]`` (``W`` from ``base_layer``)."""
+        return torch.stack([dora_weight_norm(base_layer, a, b, self.scaling) for a, b in zip(self.lora_A, self.lora_B)])
+
+    def reset_magnitude(self, base_layer: nn.Module) -> None:
+        """DoRA: each expert's magnitude becomes its :meth:`weight_norms` (the value at init)."""
+        with torch.no_grad():
+            self.lora_magnitude.copy_(self.weight_norms(base_layer))
+
+    def project(self, base_layer: nn.Module, u: torch.Tensor, expert: int) -> torch.Tensor:
+        """Expert ``expert``'s whole projection (base, bias, delta; DoRA-rescaled if enabled).
+
+        u: ``[n, in]`` -> ``[n, out]`` in the base output's dtype.
+        """
+        magnitude = None if self.lora_magnitude is None else self.lora_magnitude[expert]
+        return adapted_projection(base_layer, u, self.lora_A[expert], self.lora_B[expert], scaling=self.scaling,
+                                  dropout=self.lora_dropout, magnitude=magnitude)
+
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, r={self.rank}, scaling={self.scaling:g}"
+        dora = ", dora" if self.lora_magnitude is not None else ""
+        return f"experts={self.num_experts}, r={self.rank}, scaling={self.scaling:g}{dora}"

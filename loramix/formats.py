@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import CONFIG_NAME, MixLoraConfig
+from .config import CONFIG_NAME, ROUTINGS, MixLoraConfig
 from .errors import LoramixError
 
 if TYPE_CHECKING:
@@ -72,19 +72,41 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
 
 
 def upstream_config_dict(model: "MixLoraModel") -> dict:
-    """The reference ``adapter_config.json`` in its key order (spec 1.4)."""
+    """The reference ``adapter_config.json`` in its key order (spec 1.4).
+
+    Refuses what the reference cannot express: a top-p temperature (it divides probabilities, we divide
+    logits). Switch capacity is written only as an ``expert_capacity`` we were given (else the reference
+    falls back to its 32 per sequence, which only matters if training continues there).
+    """
     cfg = model.mixlora_config
     out: dict = {}
+    if cfg.use_dora:
+        out["use_dora"] = True
     if cfg.use_rslora:
         out["use_rslora"] = True
     out.update(bias="none", peft_type="MIXLORA", r=cfg.r, lora_alpha=_int_if_whole(cfg.lora_alpha),
                lora_dropout=cfg.lora_dropout, target_modules=_upstream_order(_targets(model)))
     if cfg.expert_lora:
-        out["expert_lora"] = {"bias": "none", "r": cfg.expert_value("r"),
-                              "lora_alpha": _int_if_whole(cfg.expert_value("lora_alpha")),
-                              "lora_dropout": cfg.expert_value("lora_dropout")}
-    out.update(routing_strategy="mixlora", num_experts=cfg.num_experts, act_fn=model.activation_name,
-               top_k=cfg.top_k, base_model_name_or_path=cfg.base_model_name_or_path, task_type=cfg.task_type)
+        expert = {"bias": "none", "r": cfg.expert_value("r"),
+                  "lora_alpha": _int_if_whole(cfg.expert_value("lora_alpha")),
+                  "lora_dropout": cfg.expert_value("lora_dropout")}
+        for key in ("use_dora", "use_rslora"):  # experts inherit the top-level value unless overridden
+            if cfg.expert_value(key) or cfg.expert_value(key) != getattr(cfg, key):
+                expert[key] = cfg.expert_value(key)
+        out["expert_lora"] = expert
+    out.update(routing_strategy=ROUTINGS[cfg.routing], num_experts=cfg.num_experts, act_fn=model.activation_name)
+    if cfg.routing == "top_p":
+        if cfg.temperature != 1.0:
+            raise LoramixError(f"temperature {cfg.temperature} cannot be written in the moe-peft format: the "
+                               "reference divides probabilities by it, loramix divides logits (docs/variants.md)")
+        out.update(top_p=cfg.top_p, temperature=0.0)
+    elif cfg.routing == "switch":
+        if cfg.expert_capacity is not None:
+            out["expert_capacity"] = cfg.expert_capacity
+        out["sparse_step"] = None
+    else:
+        out["top_k"] = cfg.top_k
+    out.update(base_model_name_or_path=cfg.base_model_name_or_path, task_type=cfg.task_type)
     return out
 
 
@@ -124,6 +146,12 @@ def upstream_key_map(model: "MixLoraModel") -> list[tuple[str, str, int | None]]
 
 
 def upstream_state_dict(model: "MixLoraModel") -> dict[str, torch.Tensor]:
+    """Per-expert reference tensors. The reference stores no DoRA magnitude and recomputes it on load as
+    ``||W + s B A||_row``, so a magnitude that differs from that (a trained one) is refused, not dropped."""
+    for name, magnitude, recomputed in _dora_magnitudes(model):
+        if not torch.allclose(magnitude, recomputed, rtol=1e-5, atol=1e-6):
+            raise LoramixError(f"{name}: a trained DoRA magnitude cannot be written in the moe-peft format (the "
+                               "reference recomputes it on load, which would change the model); use format='loramix'")
     params = dict(model.trainable_parameters())
     out = {}
     for key, name, expert in upstream_key_map(model):
@@ -166,6 +194,27 @@ def load_adapter_weights(model: "MixLoraModel", directory: str) -> None:
     else:
         raise LoramixError(f"{directory}: no adapter weights ({SAFETENSORS_NAME} or {UPSTREAM_WEIGHTS_NAME})")
     _copy_into(model, tensors, source)
+    if source == upstream_path:  # the reference's DoRA magnitude is ||W + s B A||_row of the loaded A, B (spec 3.3)
+        with torch.no_grad():
+            for name, magnitude, recomputed in _dora_magnitudes(model):
+                magnitude.copy_(recomputed)
+
+
+def _dora_magnitudes(model: "MixLoraModel") -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """``(parameter name, DoRA magnitude, ||W + s B A||_row of the current A, B)`` for every DoRA LoRA."""
+    from .lora import LoraLinear
+    from .moe import MixLoraFFN
+
+    found = []
+    for prefix, module in model.base_model.named_modules():
+        if isinstance(module, LoraLinear) and module.lora_magnitude is not None:
+            found.append((f"{prefix}.lora_magnitude", module.lora_magnitude, module.weight_norms()))
+        elif isinstance(module, MixLoraFFN):
+            for name, lora in module.experts.items():
+                if lora.lora_magnitude is not None:
+                    found.append((f"{prefix}.experts.{name}.lora_magnitude", lora.lora_magnitude,
+                                  lora.weight_norms(module.projection(name))))
+    return found
 
 
 def check_base_matches(directory: str, base_model) -> None:
@@ -228,6 +277,9 @@ def _stack_upstream(state: dict[str, torch.Tensor], model: "MixLoraModel", path:
             out[name] = tensor
         else:
             out.setdefault(name, torch.empty(target.shape, dtype=torch.float32))[expert] = tensor
+    for name, param in params.items():  # not in the reference's files: recomputed after loading
+        if name.endswith(".lora_magnitude"):
+            out[name] = param.detach()
     return out
 
 

@@ -17,7 +17,7 @@ from .errors import LoramixError
 from .families import Family, activation_name, decoder_layers, family_for
 from .lora import LoraLinear
 from .moe import MixLoraFFN
-from .routing import load_balancing_loss
+from .routing import auxiliary_loss, build_router
 
 
 def resolve_targets(config: MixLoraConfig, family: Family) -> list[str]:
@@ -45,15 +45,17 @@ def _inject(model: nn.Module, config: MixLoraConfig, family: Family) -> None:
             if name in targets:
                 setattr(attention, name, LoraLinear(
                     getattr(attention, name), r=config.r, scaling=config.scaling(expert=False),
-                    dropout=config.lora_dropout, init=config.init_lora_weights))
+                    dropout=config.lora_dropout, init=config.init_lora_weights, use_dora=config.use_dora))
         mlp = getattr(layer, family.mlp)
         activation = ACT2FN[config.act_fn] if config.act_fn else getattr(mlp, family.activation)
+        router = build_router(config, hidden_size, device=next(mlp.parameters()).device)
         setattr(layer, family.mlp, MixLoraFFN(
-            mlp, family=family, hidden_size=hidden_size, num_experts=config.num_experts, top_k=config.top_k,
-            router_init_range=config.router_init_range, jitter_noise=config.jitter_noise, activation=activation,
+            mlp, family=family, router=router, activation=activation,
+            jitter_noise=0.0 if config.routing == "switch" else config.jitter_noise,  # switch: the router's own
             expert_targets=[t for t in targets if t in family.ffn_projections],
             r=config.expert_value("r"), scaling=config.scaling(expert=True),
-            dropout=config.expert_value("lora_dropout"), init=config.init_lora_weights))
+            dropout=config.expert_value("lora_dropout"), init=config.expert_value("init_lora_weights"),
+            use_dora=config.expert_value("use_dora")))
 
 
 class MixLoraModel(nn.Module):
@@ -142,7 +144,8 @@ class MixLoraModel(nn.Module):
             hidden_states=out.hidden_states, attentions=out.attentions)
 
     def aux_loss(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """``coef * load_balancing_loss`` over the last forward's router logits, pads masked out; None if off."""
+        """The router loss (routing.auxiliary_loss) over the last forward's router logits, pads masked out;
+        None if off."""
         cfg = self.mixlora_config
         if not cfg.router_loss:
             return None
@@ -151,7 +154,7 @@ class MixLoraModel(nn.Module):
         if attention_mask is not None:
             rows = logits[0].shape[0] // attention_mask.shape[0]
             token_mask = attention_mask[:, -rows:].reshape(-1)  # with a KV cache, the mask covers past tokens too
-        return cfg.router_aux_loss_coef * load_balancing_loss(logits, top_k=cfg.top_k, token_mask=token_mask)
+        return auxiliary_loss(logits, cfg, token_mask=token_mask)
 
     @torch.no_grad()
     def generate(self, *args, **kwargs):
@@ -185,7 +188,7 @@ class MixLoraModel(nn.Module):
 
 
 def _is_adapter_param(name: str) -> bool:
-    return ".lora_A" in name or ".lora_B" in name or ".router." in name
+    return ".lora_A" in name or ".lora_B" in name or ".lora_magnitude" in name or ".router." in name
 
 
 def get_mixlora_model(model: nn.Module, config: MixLoraConfig) -> MixLoraModel:

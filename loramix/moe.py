@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from .experts import ExpertLoras
-from .families import FUSED_GATED, GATED, Family, projection_shape
+from .fused import InputProjection, PairMix, PairMixSpec, sort_pairs
+from .families import FUSED_GATED, GATED, Family, projection_shape, projection_weight
 from .reference import reference_expert_mix
-from .routing import TopKRouter
+from .routing import NO_EXPERT, TopKRouter
 
 
 class MixLoraFFN(nn.Module):
@@ -18,11 +21,12 @@ class MixLoraFFN(nn.Module):
     each targeted FFN projection name to its :class:`ExpertLoras`. ``dispatch`` selects the grouped
     fast path (``"grouped"``) or the straightforward per-expert loop (``"reference"``), which is kept
     for tests and benchmarks. The last forward's router logits are kept in ``router_logits``.
+    ``router`` (routing.py) picks the experts; DoRA experts (``use_dora``) always take the per-expert path.
     """
 
-    def __init__(self, base: nn.Module, *, family: Family, hidden_size: int, num_experts: int, top_k: int,
-                 router_init_range: float, jitter_noise: float, activation: nn.Module,
-                 expert_targets: list[str], r: int, scaling: float, dropout: float, init: str) -> None:
+    def __init__(self, base: nn.Module, *, family: Family, router: TopKRouter, jitter_noise: float,
+                 activation: nn.Module, expert_targets: list[str], r: int, scaling: float, dropout: float, init: str,
+                 use_dora: bool = False) -> None:
         super().__init__()
         self.base = base
         self.kind = family.ffn_kind
@@ -32,12 +36,14 @@ class MixLoraFFN(nn.Module):
         self.ffn_dropout = getattr(base, family.ffn_dropout) if family.ffn_dropout else None
         self.jitter_noise = jitter_noise
         device = next(base.parameters()).device
-        self.router = TopKRouter(hidden_size, num_experts, top_k=top_k, init_range=router_init_range, device=device)
+        self.router = router
         self.experts = nn.ModuleDict({
-            name: ExpertLoras(num_experts, *projection_shape(getattr(base, name)), r=r, scaling=scaling,
-                              dropout=dropout, init=init, device=device)
+            name: ExpertLoras(router.weight.shape[0], *projection_shape(getattr(base, name)), r=r, scaling=scaling,
+                              dropout=dropout, init=init, device=device, use_dora=use_dora)
             for name in family.ffn_projections if name in expert_targets
         })
+        if use_dora:
+            self.reset_magnitudes()
         self.dispatch = "grouped"
         self.router_logits: torch.Tensor | None = None
 
@@ -47,6 +53,19 @@ class MixLoraFFN(nn.Module):
 
     def projection(self, name: str) -> nn.Module:
         return getattr(self.base, name)
+
+    @property
+    def uses_dora(self) -> bool:
+        return any(lora.lora_magnitude is not None for lora in self.experts.values())
+
+    def reset_magnitudes(self) -> None:
+        """DoRA experts: every magnitude back to ``||W + s B_e A_e||_row``."""
+        for name, lora in self.experts.items():
+            lora.reset_magnitude(self.projection(name))
+
+    def frozen_ffn(self, u: torch.Tensor) -> torch.Tensor:
+        """The base FFN with no expert delta (for tokens routed to ``NO_EXPERT``). u: ``[n, D]`` -> ``[n, D]``."""
+        return self.projection(self.output_name)(self.activate([self.projection(name)(u) for name in self.input_names]))
 
     def activate(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         """The FFN's hidden activation from its input projections' outputs (``[n, I]`` each, or ``[n, 2I]`` fused)."""
@@ -63,46 +82,62 @@ class MixLoraFFN(nn.Module):
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
         if self.training and self.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        logits, weights, experts = self.router(x)
+        logits, weights, experts = self.router(x, batch_shape=tuple(hidden_states.shape[:-1]))
         self.router_logits = logits
-        if self.dispatch == "reference":
-            y = reference_expert_mix(self, x, weights, experts)
-        else:
-            y = self.grouped_expert_mix(x, weights, experts)
+        y = self.mix(x, weights, experts)
         if self.ffn_dropout is not None:
             y = self.ffn_dropout(y)
         return y.view_as(hidden_states)
 
+    def mix(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Dispatch: the per-expert path for ``dispatch="reference"`` and DoRA experts, else the fast path.
+
+        Switch tokens routed to ``NO_EXPERT`` (over capacity) take ``weight * frozen_ffn(x)`` instead.
+        x: ``[T, D]``; weights, experts: ``[T, k]`` -> ``[T, D]``.
+        """
+        mix = self.grouped_expert_mix
+        if self.dispatch == "reference" or self.uses_dora:
+            mix = functools.partial(reference_expert_mix, self)
+        if experts.shape[1] != 1:
+            return mix(x, weights, experts)
+        dropped = experts[:, 0] == NO_EXPERT
+        if not dropped.any():
+            return mix(x, weights, experts)
+        kept, over = (~dropped).nonzero().squeeze(1), dropped.nonzero().squeeze(1)
+        frozen = (weights[over] * self.frozen_ffn(x[over]).float()).to(x.dtype)
+        return torch.zeros_like(x).index_copy(0, kept, mix(x[kept], weights[kept], experts[kept])).index_copy(
+            0, over, frozen)
+
     def grouped_expert_mix(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """The fast path (DESIGN.md section 2).
 
-        x: ``[T, D]``; weights, experts: ``[T, k]``. The base input projections run once on all tokens;
-        the (token, expert) pairs are sorted by expert so each expert's LoRA runs on one contiguous
-        segment; the weighted pair activations are summed back onto tokens and go through the shared
-        base output projection once (``sum_e w_e W2 a_e = W2 sum_e w_e a_e``, as the weights sum to 1).
+        x: ``[T, D]``; weights, experts: ``[T, k]``. The base input projections run once on all tokens and
+        all experts' A once per projection; the (token, expert) pairs, sorted by expert, go through
+        :class:`~loramix.fused.PairMix` (each expert's B on its contiguous segment, the activation, the
+        weighted sum back onto tokens); the shared base output projection runs once on that sum
+        (``sum_e w_e W2 a_e = W2 sum_e w_e a_e``) and all experts' output B once on their weighted rank-r rows.
         """
-        num_tokens, top_k = experts.shape
-        flat_experts = experts.reshape(-1)                                   # [T*k]
-        order = torch.argsort(flat_experts, stable=True)                     # pairs sorted by expert
-        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
-        pair_token = order // top_k                                          # [P]
-        pair_expert = flat_experts.index_select(0, order)                   # [P]
-        pair_weight = weights.reshape(-1).index_select(0, order).unsqueeze(-1)  # [P, 1] fp32
-
-        projected = []
+        routing = sort_pairs(experts, self.num_experts)
+        pair_weight = weights.reshape(-1).index_select(0, routing.order)                 # [P] fp32
+        tensors, projections = [], []
         for name in self.input_names:
-            h = self.projection(name)(x).index_select(0, pair_token)         # [P, out] model dtype
-            if name in self.experts:
-                pair_rows = pair_token * self.num_experts + pair_expert
-                h = h + self.experts[name].shared_input_delta(x, pair_rows, counts).to(h.dtype)
-            projected.append(h)
-        act = self.activate(projected)                                       # [P, I]
-
-        mixed = torch.zeros(num_tokens, act.shape[-1], device=x.device, dtype=torch.float32)
-        mixed.index_add_(0, pair_token, act.float() * pair_weight)          # [T, I]
-        y = self.projection(self.output_name)(mixed.to(x.dtype))             # [T, D]
-        if self.output_name in self.experts:
-            delta = self.experts[self.output_name].pair_input_delta(act, counts) * pair_weight
-            y = y + torch.zeros(num_tokens, y.shape[-1], device=x.device, dtype=torch.float32).index_add_(
-                0, pair_token, delta).to(y.dtype)
+            tensors.append(self.projection(name)(x))                                     # [T, out]
+            lora = self.experts[name] if name in self.experts else None
+            projections.append(InputProjection(scaling=None if lora is None else lora.scaling))
+            if lora is not None:
+                tensors += [lora.low_rank_all(x), lora.lora_B]
+        out_lora = self.experts[self.output_name] if self.output_name in self.experts else None
+        if out_lora is not None:
+            tensors.append(out_lora.lora_A)
+        spec = PairMixSpec(routing=routing, activate=self.activate, inputs=tuple(projections),
+                           output_targeted=out_lora is not None,
+                           output_dropout=0.0 if out_lora is None else out_lora.dropout_p, num_experts=self.num_experts)
+        outputs = PairMix.apply(spec, pair_weight, *tensors)
+        mixed = outputs if out_lora is None else outputs[0]                                     # [T, I] fp32
+        y = self.projection(self.output_name)(mixed.to(x.dtype))                         # [T, D]
+        bias = projection_weight(self.projection(self.output_name))[1]
+        if bias is not None and not self.router.renormalises:  # the bias came once; sum_e w_e b needs sum(w) != 1
+            y = y + ((weights.sum(dim=-1, keepdim=True) - 1) * bias.float()).to(y.dtype)
+        if out_lora is not None:
+            y = y + out_lora.expand_low_rank(outputs[1]).to(y.dtype)
         return y

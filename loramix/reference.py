@@ -15,10 +15,9 @@ def reference_expert_mix(ffn, x: torch.Tensor, weights: torch.Tensor, experts: t
     out = torch.zeros(x.shape[0], x.shape[-1], device=x.device, dtype=torch.float32)
 
     def project(name: str, u: torch.Tensor, expert: int) -> torch.Tensor:
-        y = ffn.projection(name)(u)
-        if name in ffn.experts:
-            y = y + ffn.experts[name].delta(u, expert).to(y.dtype)
-        return y
+        if name in ffn.experts:  # base + delta, or DoRA's rescaled form
+            return ffn.experts[name].project(ffn.projection(name), u, expert)
+        return ffn.projection(name)(u)
 
     for expert in range(ffn.num_experts):
         token, slot = torch.nonzero(experts == expert, as_tuple=True)
