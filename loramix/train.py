@@ -149,8 +149,20 @@ def _restore(path: str, model: Any, optimizer: Any, scheduler: Any) -> int:
     return int(state["step"])
 
 
-def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] = print) -> str:
-    """Run the training described by ``cfg``; return the path of the final adapter folder."""
+@dataclasses.dataclass
+class TrainResult:
+    """The final adapter folder and the trained model (in eval mode) with its tokenizer."""
+
+    adapter_dir: str
+    model: Any
+    tokenizer: Any
+    steps: int
+
+
+def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] = print, base_model: Any = None,
+          tokenizer: Any = None) -> TrainResult:
+    """Run the training described by ``cfg`` (on ``base_model``/``tokenizer`` when given, else loaded from
+    ``cfg.model``)."""
     from accelerate import Accelerator
     from transformers import get_scheduler
 
@@ -158,7 +170,7 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
     out = t.output_dir
     specs = [dataclasses.replace(s, template=s.template or cfg.data.template) for s in cfg.data.datasets]
     examples = load_mixture(specs, seed=t.seed)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
     encoder = Encoder(tokenizer, cutoff_len=cfg.data.cutoff_len, train_on_inputs=cfg.data.train_on_inputs,
                       add_eos=cfg.data.add_eos)
     features = [f for f in map(encoder.encode_train, examples) if any(x != IGNORE_INDEX for x in f["labels"][1:])]
@@ -170,7 +182,7 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
     plan = make_plan(len(features), t)
 
     set_seed(t.seed)
-    model = build_adapter_model(load_base_model(cfg.model), cfg.adapter)
+    model = build_adapter_model(base_model if base_model is not None else load_base_model(cfg.model), cfg.adapter)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -232,6 +244,7 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
     finally:
         logger.close()
     final = os.path.join(out, ADAPTER_DIR)
-    ckpt.atomic_dir(final, accelerator.unwrap_model(model).save_pretrained)
+    model = accelerator.unwrap_model(model)
+    ckpt.atomic_dir(final, model.save_pretrained)
     echo(f"adapter saved to {final}")
-    return final
+    return TrainResult(final, model.eval(), tokenizer, step)

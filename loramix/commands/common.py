@@ -1,0 +1,125 @@
+"""Arguments shared by the subcommands: which model/adapter to load and which tasks/data to read."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any
+
+from ..data import Example, canonical_task_name, load_examples
+from ..errors import LoramixError
+from ..runconfig import DatasetSpec, ModelSpec, RunConfig, load_run_config
+from ..train import ADAPTER_DIR
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--config", help="a run config (YAML): its model, data.eval and trained adapter are the defaults")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    g.add_argument("--model", help="base model: hub id, local folder or .gguf file")
+    g.add_argument("--tokenizer", help="tokenizer folder, when the model folder has none")
+    g.add_argument("--dtype", help="float32 (default) or bfloat16")
+    g.add_argument("--adapter", help="a MixLoRA or PEFT LoRA adapter folder; 'none' for the bare model")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--task", action="append", default=[], metavar="NAME[=PATH]",
+                   help="a task: NAME=PATH reads a file; NAME alone takes the task from --config or the hub "
+                        "(built-in: arc-e, arc-c, boolq, obqa, piqa, siqa, hellaswag, winogrande)")
+    g.add_argument("--data", action="append", default=[], metavar="PATH",
+                   help="a data file (JSON/JSONL/TSV); the format and task name are detected")
+    g.add_argument("--template", help="prompt template for --task/--data files: alpaca, plain or chat")
+    g.add_argument("--limit", type=int, help="at most this many examples per task")
+    g.add_argument("--cutoff-len", type=int, default=None, help="longest sequence in tokens")
+
+
+def run_config(args: argparse.Namespace) -> RunConfig | None:
+    return load_run_config(args.config, args.set) if args.config else None
+
+
+def model_spec(args: argparse.Namespace, cfg: RunConfig | None) -> ModelSpec:
+    """``--model`` etc. over the config's model section."""
+    spec = cfg.model if cfg else ModelSpec()
+    if args.model:
+        spec = ModelSpec(name_or_path=args.model)
+    if args.tokenizer:
+        spec = dataclasses.replace(spec, tokenizer=args.tokenizer)
+    if args.dtype:
+        spec = dataclasses.replace(spec, dtype=args.dtype)
+    if not spec.name_or_path:
+        raise LoramixError("no model given: pass --model or --config")
+    return spec
+
+
+def adapter_path(args: argparse.Namespace, cfg: RunConfig | None) -> str | None:
+    """``--adapter`` ('none' = bare model), else the config's trained adapter when it exists."""
+    if args.adapter:
+        return None if args.adapter == "none" else args.adapter
+    if cfg:
+        path = os.path.join(cfg.train.output_dir, ADAPTER_DIR)
+        return path if os.path.isdir(path) else None
+    return None
+
+
+def _named(cfg: RunConfig | None, name: str) -> list[DatasetSpec]:
+    if cfg is None:
+        return []
+    want = canonical_task_name(name)
+    for group in (cfg.data.eval, cfg.data.datasets):
+        hits = [s for s in group if s.task and canonical_task_name(s.task) == want]
+        if hits:
+            return hits
+    return []
+
+
+def dataset_specs(args: argparse.Namespace, cfg: RunConfig | None) -> list[DatasetSpec]:
+    """The datasets named by --task/--data, or the config's data.eval when neither is given."""
+    specs: list[DatasetSpec] = []
+    for item in args.task:
+        name, _, path = item.partition("=")
+        if path:
+            specs.append(DatasetSpec(path=path, task=name))
+        else:
+            specs.extend(_named(cfg, name) or [DatasetSpec(task=name, split="")])
+    specs.extend(DatasetSpec(path=p) for p in args.data)
+    if not specs and cfg is not None:
+        specs = list(cfg.data.eval)
+        if not specs:
+            raise LoramixError(f"{cfg.source}: data.eval is empty; name tasks with --task or files with --data")
+    if not specs:
+        raise LoramixError("no data: pass --task NAME[=PATH], --data PATH or --config")
+    default_template = args.template or (cfg.data.template if cfg else None)
+    return [dataclasses.replace(s, template=s.template or default_template,
+                                limit=args.limit if args.limit is not None else s.limit) for s in specs]
+
+
+def load_task_examples(args: argparse.Namespace, cfg: RunConfig | None) -> list[Example]:
+    examples: list[Example] = []
+    for spec in dataset_specs(args, cfg):
+        examples.extend(load_examples(spec))
+    return examples
+
+
+def cutoff_len(args: argparse.Namespace, cfg: RunConfig | None, default: int = 1024) -> int:
+    if args.cutoff_len:
+        return args.cutoff_len
+    return cfg.data.cutoff_len if cfg else default
+
+
+def quiet_transformers() -> None:
+    """Keep transformers' loading progress bars and advisory warnings off the CLI's output."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def loaded_model(args: argparse.Namespace, cfg: RunConfig | None) -> tuple[Any, Any, str | None]:
+    """(model, tokenizer, adapter path) as the arguments ask."""
+    from ..loading import load_model
+
+    quiet_transformers()
+    adapter = adapter_path(args, cfg)
+    model, tokenizer = load_model(model_spec(args, cfg), adapter)
+    return model, tokenizer, adapter

@@ -1,0 +1,33 @@
+"""``loramix eval``: accuracy per task for a MixLoRA adapter, a PEFT LoRA adapter or the bare model."""
+from __future__ import annotations
+
+import argparse
+
+from .common import add_data_args, add_model_args, cutoff_len, load_task_examples, loaded_model, run_config
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="accuracy on commonsense / classification tasks",
+                              description="Score each task by the label token at the last prompt position and "
+                                          "by the log-likelihood of each choice; print a table, write JSON.")
+    add_model_args(p)
+    add_data_args(p)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--output", help="write the results as JSON to this file")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data import Encoder
+    from ..evaluate import format_table, score, with_average, write_json
+
+    cfg = run_config(args)
+    examples = load_task_examples(args, cfg)
+    model, tokenizer, adapter = loaded_model(args, cfg)
+    results = with_average(score(model, Encoder(tokenizer), examples, batch_size=args.batch_size,
+                                 max_len=cutoff_len(args, cfg)))
+    print(format_table(results, title=f"adapter: {adapter or 'none (base model)'}"))
+    if args.output:
+        write_json(args.output, {"adapter": adapter, "results": results})
+        print(f"results written to {args.output}")
+    return 0

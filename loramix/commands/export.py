@@ -1,0 +1,62 @@
+"""``loramix export``: a top-k MixLoRA model as a standard MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE)."""
+from __future__ import annotations
+
+import argparse
+
+from ..errors import LoramixError
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    """The arguments ``export`` and ``merge`` share: what to load and how to write."""
+    p.add_argument("output_dir", metavar="OUT", help="folder to write the checkpoint into")
+    p.add_argument("--model", required=True, help="the base model: local folder or hub id")
+    p.add_argument("--adapter", required=True, help="the MixLoRA adapter folder")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the written weights (default: the base checkpoint's)")
+    p.add_argument("--tokenizer", help="copy tokenizer files from this folder (default: the base model's folder)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest weight file, e.g. 5GB or 500MB")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export", help="write a MixLoRA model as a Mixtral / Qwen-MoE checkpoint",
+                              description=__doc__ + " Serve it with vLLM, SGLang, TGI or llama.cpp (docs/export.md).")
+    add_output_args(p)
+    p.add_argument("--to", default="auto", choices=("auto", "mixtral", "qwen2_moe", "qwen3_moe"),
+                   help="target architecture (auto: mixtral for llama/mistral, qwen2_moe for qwen2, "
+                        "qwen3_moe for qwen3)")
+    p.set_defaults(run=run)
+
+
+def load_mixlora(args: argparse.Namespace):
+    """(MixLoraModel, torch dtype) from --model, --adapter and --dtype."""
+    import torch
+    from transformers import AutoConfig
+
+    from ..loading import adapter_kind, attach_adapter, load_base_model
+    from ..runconfig import ModelSpec
+    from .common import quiet_transformers
+
+    quiet_transformers()
+    if adapter_kind(args.adapter) != "mixlora":
+        raise LoramixError(f"{args.adapter}: a plain LoRA adapter; merge it with PEFT's merge_and_unload")
+    dtype = args.dtype
+    if dtype is None:
+        try:
+            found = str(AutoConfig.from_pretrained(args.model).dtype).removeprefix("torch.")
+        except (OSError, ValueError) as e:
+            raise LoramixError(f"could not read the config of {args.model!r}: {str(e).splitlines()[0]}") from None
+        dtype = found if found in ("float32", "bfloat16", "float16") else "float32"
+    model = attach_adapter(load_base_model(ModelSpec(name_or_path=args.model, dtype=dtype)), args.adapter)
+    return model, getattr(torch, dtype)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..export import export_moe
+
+    model, dtype = load_mixlora(args)
+    summary = export_moe(model, args.output_dir, architecture=args.to, dtype=dtype,
+                         max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                         tokenizer_from=args.tokenizer or args.model)
+    print(summary.report())
+    return 0

@@ -1,0 +1,66 @@
+"""A small multi-task set loramix generates itself, for the offline demo (tasks a 135M model learns in minutes).
+
+Every task is a classification with single-word labels, written as records of the generic classification
+format (``{"text", "label"}``), so the demo's data go through the same loader, prompts and scoring as a
+user's. The generator is deterministic in its seed, and test items never repeat a training item.
+"""
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+from ..errors import LoramixError
+
+
+_POSITIVE = ["wonderful", "delicious", "friendly", "excellent", "lovely", "fantastic", "pleasant", "superb",
+             "charming", "brilliant", "great", "perfect"]
+_NEGATIVE = ["terrible", "awful", "rude", "disgusting", "horrible", "dreadful", "boring", "broken", "dirty",
+             "disappointing", "bad", "poor"]
+_NOUNS = ["food", "service", "movie", "hotel", "room", "staff", "music", "book", "coffee", "trip", "show", "game"]
+def _parity(rng: random.Random) -> tuple[str, list[str], int]:
+    n = rng.randint(10, 9999)
+    return f"Is the number {n} even or odd?", ["even", "odd"], n % 2
+
+
+def _compare(rng: random.Random) -> tuple[str, list[str], int]:
+    a, b = rng.sample(range(10, 100), 2)
+    return f"Is {a} greater than {b}?", ["yes", "no"], 0 if a > b else 1
+
+
+def _sentiment(rng: random.Random) -> tuple[str, list[str], int]:
+    gold = rng.randrange(2)
+    words = _POSITIVE if gold == 0 else _NEGATIVE
+    n1, n2 = rng.sample(_NOUNS, 2)
+    w1, w2 = rng.sample(words, 2)
+    text = f"The {n1} was {w1} and the {n2} was {w2}."
+    return f"Review: {text}\nIs this review positive or negative?", ["positive", "negative"], gold
+
+
+GENERATORS: dict[str, Callable[[random.Random], tuple[str, list[str], int]]] = {
+    "parity": _parity, "compare": _compare, "sentiment": _sentiment}
+
+
+def synthetic_task(task: str, n: int, *, seed: int = 0, exclude: set[str] | frozenset = frozenset()) -> list[dict]:
+    """``n`` distinct ``{"text", "label"}`` records of ``task``; texts in ``exclude`` are skipped."""
+    if task not in GENERATORS:
+        raise LoramixError(f"unknown synthetic task {task!r} (known: {', '.join(GENERATORS)})")
+    rng = random.Random(f"{task}-{seed}")
+    seen = set(exclude)
+    out: list[dict] = []
+    for _ in range(100 * n):
+        if len(out) == n:
+            break
+        text, labels, gold = GENERATORS[task](rng)
+        if text not in seen:
+            seen.add(text)
+            out.append({"text": text, "label": labels[gold]})
+    if len(out) < n:
+        raise LoramixError(f"synthetic task {task!r} has fewer than {n} distinct items")
+    return out
+
+
+def synthetic_splits(task: str, n_train: int, n_test: int, *, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Train and test records of one task; no test text appears in the training records."""
+    train = synthetic_task(task, n_train, seed=seed)
+    test = synthetic_task(task, n_test, seed=seed + 1, exclude={r["text"] for r in train})
+    return train, test
