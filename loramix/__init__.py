@@ -2,10 +2,11 @@
 
 from .config import MixLoraConfig
 from .errors import LoramixError
+from .export import export_mixtral, export_moe
 from .families import FAMILIES
 from .model import MixLoraModel, MixLoraModelForCausalLM, get_mixlora_model
 
 __version__ = "0.1.0"
 
 __all__ = ["FAMILIES", "LoramixError", "MixLoraConfig", "MixLoraModel", "MixLoraModelForCausalLM",
-           "get_mixlora_model", "__version__"]
+           "export_mixtral", "export_moe", "get_mixlora_model", "__version__"]

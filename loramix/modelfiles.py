@@ -1,0 +1,137 @@
+"""Write a standard Hugging Face checkpoint folder: sharded safetensors, its index, tokenizer files.
+
+Tensors arrive as a stream of ``(name, tensor)`` pairs and are written shard by shard, so an export
+never holds more than one shard of new weights in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import LoramixError
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+# Files a base model folder may carry beside its weights that belong with any model built from it.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+@dataclass(frozen=True)
+class WrittenWeights:
+    """What :func:`write_safetensors` wrote: parameter count, bytes and shard files."""
+
+    num_params: int
+    num_bytes: int
+    files: tuple[str, ...]
+
+
+def parse_size(size: int | str) -> int:
+    """``5GB``, ``500MB``, ``2GiB`` or a byte count -> bytes."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?I?B?)\s*", str(size).upper())
+        if not match or match.group(2) not in _SIZE_UNITS:
+            raise LoramixError(f"shard size {size!r} is not a size like '5GB', '500MB' or a byte count")
+        value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    if value <= 0:
+        raise LoramixError(f"shard size must be positive, got {size!r}")
+    return value
+
+
+def format_bytes(n: int) -> str:
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def prepare_output_dir(directory: str, *, overwrite: bool) -> None:
+    """Create ``directory``; refuse a non-empty one unless ``overwrite``."""
+    if os.path.isfile(directory):
+        raise LoramixError(f"output path {directory} is a file, expected a folder")
+    if os.path.isdir(directory) and os.listdir(directory) and not overwrite:
+        raise LoramixError(f"output folder {directory} is not empty (pass overwrite to replace its files)")
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):  # stale shards of an earlier write would confuse loaders
+        if name == INDEX_NAME or re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", name):
+            os.remove(os.path.join(directory, name))
+
+
+def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], directory: str, *,
+                      max_shard_size: int | str = "5GB") -> WrittenWeights:
+    """Write the stream into ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards plus
+    ``model.safetensors.index.json`` when it exceeds ``max_shard_size``. Names must be unique."""
+    limit = parse_size(max_shard_size)
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes = num_params = num_bytes = 0
+    temp_files: list[tuple[str, list[str]]] = []
+
+    def flush() -> None:
+        path = os.path.join(directory, f".shard-{len(temp_files):05d}.tmp")
+        save_file(shard, path, metadata={"format": "pt"})
+        temp_files.append((path, list(shard)))
+        shard.clear()
+
+    seen: set[str] = set()
+    try:
+        for name, tensor in tensors:
+            if name in seen:
+                raise LoramixError(f"internal error: tensor {name!r} written twice")
+            seen.add(name)
+            size = tensor.numel() * tensor.element_size()
+            if shard and shard_bytes + size > limit:
+                flush()
+                shard_bytes = 0
+            tensor = tensor.detach().to("cpu").contiguous()
+            if any(t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() for t in shard.values()):
+                tensor = tensor.clone()  # the same weight under several names (identical experts)
+            shard[name] = tensor
+            shard_bytes += size
+            num_params += tensor.numel()
+            num_bytes += size
+        if shard or not temp_files:
+            flush()
+    except BaseException:
+        for path, _ in temp_files:
+            os.remove(path)
+        raise
+
+    if len(temp_files) == 1:
+        os.replace(temp_files[0][0], os.path.join(directory, WEIGHTS_NAME))
+        return WrittenWeights(num_params, num_bytes, (WEIGHTS_NAME,))
+    weight_map, files = {}, []
+    for i, (path, names) in enumerate(temp_files, start=1):
+        final = f"model-{i:05d}-of-{len(temp_files):05d}.safetensors"
+        os.replace(path, os.path.join(directory, final))
+        files.append(final)
+        weight_map.update(dict.fromkeys(names, final))
+    with open(os.path.join(directory, INDEX_NAME), "w", encoding="utf-8") as fh:
+        json.dump({"metadata": {"total_size": num_bytes}, "weight_map": weight_map}, fh, indent=2)
+        fh.write("\n")
+    return WrittenWeights(num_params, num_bytes, tuple(files))
+
+
+def copy_tokenizer_files(source: str | None, directory: str) -> list[str]:
+    """Copy the tokenizer and generation-config files that exist in ``source`` (a local folder) into
+    ``directory``; returns the names copied (none when ``source`` is not a folder)."""
+    if not source or not os.path.isdir(source):
+        return []
+    copied = []
+    for name in TOKENIZER_FILES:
+        path = os.path.join(source, name)
+        if os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(directory, name))
+            copied.append(name)
+    return copied

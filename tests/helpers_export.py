@@ -1,0 +1,39 @@
+"""Helpers for the export and merge tests: randomised MixLoRA models, saved adapters, running one subcommand."""
+from __future__ import annotations
+
+import argparse
+
+from transformers import AutoModelForCausalLM
+
+import loramix
+from loramix import MixLoraConfig
+
+from conftest import randomize_adapter, tiny_model
+from helpers_cli import tiny_llama_dir
+
+
+def mixlora(model_type="llama", *, seed=0, base_kw=None, **cfg):
+    """A tiny ``model_type`` with a MixLoRA adapter whose B matrices and routers are random (eval mode)."""
+    defaults = dict(r=4, lora_alpha=8, lora_dropout=0.0, num_experts=4, top_k=2)
+    model = loramix.get_mixlora_model(tiny_model(model_type, seed=seed, **(base_kw or {})),
+                                      MixLoraConfig(**{**defaults, **cfg}))
+    randomize_adapter(model, seed=seed + 1, std=0.3)
+    return model.eval()
+
+
+def saved_base_and_adapter(tmp_path):
+    """(base folder with a tokenizer, adapter folder, the MixLoRA model) for the command tests."""
+    base_dir = tiny_llama_dir(tmp_path / "base")
+    model = loramix.get_mixlora_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                                      MixLoraConfig(r=4, num_experts=3, top_k=2, lora_dropout=0.0))
+    randomize_adapter(model, std=0.3)
+    model.save_pretrained(tmp_path / "adapter")
+    return base_dir, tmp_path / "adapter", model.eval()
+
+
+def run_command(module, argv):
+    """Parse ``argv`` with only ``module``'s subcommand registered and run it."""
+    parser = argparse.ArgumentParser()
+    module.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.run(args)
