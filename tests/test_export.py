@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -80,6 +81,22 @@ def test_mixtral_checkpoint_has_the_classic_per_expert_layout(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architectures"] == ["MixtralForCausalLM"] and config["model_type"] == "mixtral"
     assert (config["num_local_experts"], config["num_experts_per_tok"], config["intermediate_size"]) == (3, 2, ffn)
+
+
+# llama.cpp's convert_hf_to_gguf.py reads MixtralForCausalLM with its LLaMA converter (stacking the per-expert
+# tensors into one per projection) and the Qwen MoE classes with their own.
+GGUF_ARCH = {"MixtralForCausalLM": "LLAMA", "Qwen2MoeForCausalLM": "QWEN2MOE", "Qwen3MoeForCausalLM": "QWEN3MOE"}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_every_tensor_has_a_gguf_name(tmp_path, model_type):
+    """Each written tensor (expert index dropped, as llama.cpp's converter stacks experts) maps to a GGUF tensor."""
+    gguf = pytest.importorskip("gguf", reason="the optional gguf package (pip install loramix[gguf]) is absent")
+    summary = export_moe(mixlora(model_type), tmp_path)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[GGUF_ARCH[summary.architecture]], 2)
+    for key in keys_and_shapes(tmp_path):
+        stacked = re.sub(r"\.experts\.\d+\.", ".experts.", key)
+        assert names.get_name(stacked, try_suffixes=(".weight", ".bias")), key
 
 
 def test_expert_weights_are_the_formula(tmp_path):
