@@ -174,6 +174,23 @@ def within_capacity(experts: torch.Tensor, num_experts: int, capacity: int) -> t
     return priority <= capacity
 
 
+def selection(probs: torch.Tensor, *, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """probs ``[T, E]`` -> ``[T, E]`` in probs' dtype: 1 where the token selects the expert (its ``top_k``, or
+    its top-p set when ``top_p`` is given), else 0."""
+    if top_p is None:
+        return F.one_hot(probs.topk(top_k, dim=-1).indices, probs.shape[-1]).sum(dim=1).to(probs.dtype)
+    _, order, keep = top_p_mask(probs, top_p)
+    return torch.zeros_like(probs).scatter_(1, order, keep.to(probs.dtype))
+
+
+def expert_choices(logits: torch.Tensor, config: "MixLoraConfig") -> torch.Tensor:
+    """Which experts each token selects under ``config.routing``, for statistics: logits ``[T, E]`` ->
+    fp32 ``[T, E]`` of 0/1 (top-k: k ones; top-p: at least one; switch: the top-1, capacity not counted)."""
+    if config.routing == "top_p":
+        return selection((logits.float() / config.temperature).softmax(dim=-1), top_p=config.top_p)
+    return selection(logits.float(), top_k=config.top_k)
+
+
 def load_balancing_loss(router_logits: list[torch.Tensor], *, top_k: int | None = None,
                         token_mask: torch.Tensor | None = None, top_p: float | None = None,
                         temperature: float = 1.0) -> torch.Tensor:
@@ -188,11 +205,7 @@ def load_balancing_loss(router_logits: list[torch.Tensor], *, top_k: int | None 
     logits = torch.cat(router_logits, dim=0)                       # [L*T, E]
     num_experts = logits.shape[-1]
     probs = (logits / temperature).softmax(dim=-1)
-    if top_p is None:
-        choices = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(dim=1).to(probs.dtype)
-    else:
-        _, order, keep = top_p_mask(probs.detach(), top_p)
-        choices = torch.zeros_like(probs).scatter_(1, order, keep.to(probs.dtype))   # [L*T, E]
+    choices = selection(probs.detach(), top_k=top_k, top_p=top_p)  # [L*T, E]
     mask = _row_mask(router_logits, token_mask, probs)            # [L*T, 1]
     denom = mask.sum().clamp_min(1.0)
     fraction = (choices * mask).sum(dim=0) / denom                 # [E]

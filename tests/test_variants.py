@@ -11,7 +11,7 @@ from peft import LoraConfig, inject_adapter_in_model
 
 import loramix
 from loramix import LoramixError, MixLoraConfig
-from loramix.routing import NO_EXPERT, SwitchRouter, load_balancing_loss, route_top_p, top_p_mask, \
+from loramix.routing import NO_EXPERT, SwitchRouter, expert_choices, load_balancing_loss, route_top_p, top_p_mask, \
     within_capacity, z_loss
 
 from conftest import batch, randomize_adapter, tiny_model
@@ -56,6 +56,15 @@ def test_top_p_temperature_divides_the_logits():
     probs = torch.softmax(x @ router.weight.T / 2.0, dim=-1)
     torch.testing.assert_close(weights.sum(-1), probs.gather(1, experts).sum(-1))
     assert (weights.sum(-1) > 0.9 - 1e-6).all() and (weights.sum(-1) <= 1 + 1e-6).all()
+
+
+def test_expert_choices_follow_the_routing():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.0625, 0.0625, 0.125, 0.75]]))
+    top_p = MixLoraConfig(routing="top_p", top_p=0.6, num_experts=4)
+    assert expert_choices(logits, top_p).tolist() == [[1, 1, 0, 0], [0, 0, 0, 1]]
+    assert expert_choices(logits, MixLoraConfig(num_experts=4, top_k=2)).tolist() == [[1, 1, 0, 0], [0, 0, 1, 1]]
+    assert expert_choices(logits, MixLoraConfig(num_experts=4, routing="switch")).tolist() == [[1, 0, 0, 0],
+                                                                                               [0, 0, 0, 1]]
 
 
 # ---- switch capacity ----------------------------------------------------------------------------------------
