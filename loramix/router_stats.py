@@ -17,6 +17,7 @@ import torch
 
 from .data import Encoder, Example, collate, pad_token_id
 from .errors import LoramixError
+from .routing import expert_choices
 
 
 class _Accumulator:
@@ -27,12 +28,12 @@ class _Accumulator:
         self.entropy = torch.zeros(layers, dtype=torch.float64)
         self.tokens = 0
 
-    def add(self, logits: list[torch.Tensor], mask: torch.Tensor, top_k: int) -> None:
-        """``logits``: per layer ``[N, E]`` fp32 (rows of this task only); ``mask``: ``[N]`` bool, True = real token."""
+    def add(self, logits: list[torch.Tensor], mask: torch.Tensor, config: Any) -> None:
+        """``logits``: per layer ``[N, E]`` fp32 (rows of this task only); ``mask``: ``[N]`` bool, True = real token;
+        ``config``: the MixLoraConfig, whose routing (top-k, top-p, switch) decides the choices."""
         for i, z in enumerate(logits):
             p = torch.softmax(z[mask].double(), dim=-1)  # [n, E]
-            idx = p.topk(top_k, dim=-1).indices.reshape(-1)
-            self.counts[i] += torch.bincount(idx, minlength=p.shape[-1]).double()
+            self.counts[i] += expert_choices(z[mask], config).sum(dim=0).double()
             self.entropy[i] += -(p * p.clamp_min(1e-30).log()).sum()
         self.tokens += int(mask.sum())
 
@@ -66,7 +67,7 @@ def router_statistics(model: Any, encoder: Encoder, examples: list[Example], *, 
             logits = [z.float().cpu() for z in model.router_logits()]
             mask = batch["attention_mask"].reshape(-1).bool()
             for key in (task, "all"):
-                acc[key].add(logits, mask, cfg.top_k)
+                acc[key].add(logits, mask, cfg)
     return {"num_experts": cfg.num_experts, "top_k": cfg.top_k, "max_entropy": math.log(cfg.num_experts),
             "tasks": {t: a.report() for t, a in acc.items()}}
 
