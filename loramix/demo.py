@@ -60,15 +60,15 @@ def demo_config(model: str, tokenizer: str | None, paths: dict[str, dict[str, st
         "adapter": {"type": "mixlora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "num_experts": 4,
                     "top_k": 2},
         "data": {"template": "plain", "cutoff_len": 64,
-                 "datasets": [{"path": p["train"], "task": t} for t, p in paths.items()],
-                 "eval": [{"path": p["test"], "task": t} for t, p in paths.items()]},
+                 "datasets": [{"path": p["train"], "task": t, "instruction": ""} for t, p in paths.items()],
+                 "eval": [{"path": p["test"], "task": t, "instruction": ""} for t, p in paths.items()]},
         "train": {"output_dir": os.path.join(out, "run"), "max_steps": steps, "micro_batch_size": 16,
                   "learning_rate": 1e-3, "lr_scheduler": "cosine", "warmup_steps": max(1, steps // 10),
                   "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": seed, "logging_steps": 5},
     }
 
 
-def run_demo(out: str, *, model: str | None = None, tokenizer: str | None = None, steps: int = 60,
+def run_demo(out: str, *, model: str | None = None, tokenizer: str | None = None, steps: int = 40,
              n_train: int = 200, n_test: int = 40, seed: int = 0, echo: Callable[[str], None] = print) -> dict:
     """The whole demo; returns {"before", "after", "wall_s", ...} and writes demo_results.json into ``out``."""
     from .train import train

@@ -77,9 +77,19 @@ def _model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-def score(model: Any, encoder: Encoder, examples: list[Example], *, batch_size: int = 8,
-          max_len: int = 1024) -> dict[str, dict[str, float]]:
-    """Per task: ``n``, ``label_acc`` and ``loglik_acc`` (fractions in [0, 1]) over the scored examples."""
+@dataclass
+class Prediction:
+    """One scored example: the label-token and log-likelihood predictions and each candidate's log-likelihood."""
+
+    example: Example
+    label_pred: int
+    loglik_pred: int
+    loglik: list[float]
+
+
+def predict(model: Any, encoder: Encoder, examples: list[Example], *, batch_size: int = 8,
+            max_len: int = 1024) -> list[Prediction]:
+    """Predictions for the scored examples (those with choices and a label), in order."""
     scored = [e for e in examples if e.scored]
     if not scored:
         raise LoramixError("no scored examples to evaluate (examples need choices and a label)")
@@ -91,11 +101,19 @@ def score(model: Any, encoder: Encoder, examples: list[Example], *, batch_size: 
         _run_rows(model, rows, pad_token_id(encoder.tokenizer), batch_size, _model_device(model))
     finally:
         model.train(was_training)
-    hits: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
+    out = []
     for ex, (label_row, extra) in zip(scored, plans):
-        label_pred = _argmax(label_row.result)
         ll = label_row.result if extra is None else [sum(r.result) for r in extra]
-        hits[ex.task].append((label_pred == ex.label, _argmax(ll) == ex.label))
+        out.append(Prediction(ex, _argmax(label_row.result), _argmax(ll), ll))
+    return out
+
+
+def score(model: Any, encoder: Encoder, examples: list[Example], *, batch_size: int = 8,
+          max_len: int = 1024) -> dict[str, dict[str, float]]:
+    """Per task: ``n``, ``label_acc`` and ``loglik_acc`` (fractions in [0, 1]) over the scored examples."""
+    hits: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
+    for p in predict(model, encoder, examples, batch_size=batch_size, max_len=max_len):
+        hits[p.example.task].append((p.label_pred == p.example.label, p.loglik_pred == p.example.label))
     return {task: {"n": len(h), "label_acc": sum(a for a, _ in h) / len(h), "loglik_acc": sum(b for _, b in h) / len(h)}
             for task, h in hits.items()}
 

@@ -39,7 +39,7 @@ class DatasetSpec:
     weight: float = 1.0
     samples: int | None = None
     limit: int | None = None
-    split: str = "train"
+    split: str | None = None
     subset: str | None = None
     instruction: str | None = None
     text_column: str | None = None

@@ -52,3 +52,26 @@ def shared_or_skip(path: Path):
     if not os.path.exists(path):
         pytest.skip(f"{path} not present (tests read real data and models from ../shared beside the repo)")
     return path
+
+
+def tiny_run_config(model_dir: Path, data: Path, out: Path, **train) -> dict:
+    """A run-config dict for a tiny MixLoRA training run on ``data`` (a JSONL file)."""
+    return {
+        "model": {"name_or_path": str(model_dir)},
+        "adapter": {"type": "mixlora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "num_experts": 4, "top_k": 2},
+        "data": {"cutoff_len": 96, "datasets": [{"path": str(data), "task": "toy"}],
+                 "eval": [{"path": str(data), "task": "toy"}]},
+        "train": {"output_dir": str(out), "max_steps": 4, "micro_batch_size": 4, "gradient_accumulation_steps": 2,
+                  "learning_rate": 5e-3, "warmup_steps": 1, "seed": 7, "progress_bar": False, **train},
+    }
+
+
+def toy_classification(path: Path, n: int = 24) -> Path:
+    """A tiny two-label classification JSONL the byte tokenizer handles quickly."""
+    return write_jsonl(path, [{"text": f"n{i}", "label": "even" if i % 2 == 0 else "odd"} for i in range(n)])
+
+
+def adapter_tensors(adapter_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))

@@ -81,7 +81,7 @@ def dataset_specs(args: argparse.Namespace, cfg: RunConfig | None) -> list[Datas
         if path:
             specs.append(DatasetSpec(path=path, task=name))
         else:
-            specs.extend(_named(cfg, name) or [DatasetSpec(task=name, split="")])
+            specs.extend(_named(cfg, name) or [DatasetSpec(task=name)])
     specs.extend(DatasetSpec(path=p) for p in args.data)
     if not specs and cfg is not None:
         specs = list(cfg.data.eval)

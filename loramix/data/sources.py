@@ -15,14 +15,14 @@ from .tasks import TASKS, builtin_task, canonical_task_name, parse_commonsense
 FORMATS = ("auto", "instruction", "commonsense", "classification", "tsv", "reference")
 _LETTERS = "ABCDEFGHIJ"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_SPLIT_NAMES = {"train", "test", "dev", "val", "valid", "validation"}
 
 
 def default_task_name(path: str) -> str:
     """A task name from a file path: the LLM-Adapters folder ("ARC-Easy/test.json" -> "arc-e") or the file stem."""
     parent = canonical_task_name(os.path.basename(os.path.dirname(os.path.abspath(path))))
-    if parent in TASKS:
-        return parent
-    return canonical_task_name(os.path.splitext(os.path.basename(path))[0])
+    stem = canonical_task_name(os.path.splitext(os.path.basename(path))[0])
+    return parent if parent in TASKS or stem in _SPLIT_NAMES else stem
 
 
 def _detect(keys: set[str], task: str | None, where: str) -> str:
@@ -53,7 +53,8 @@ def _instruction(rec: Record, where: str, task: str) -> Example:
 
 
 def _classification_prompt(spec: DatasetSpec, text: str, options: list[str] | None, labels: list[str]) -> str:
-    head = spec.instruction or (None if options else f"Choose one of: {', '.join(labels)}.")
+    head = spec.instruction if spec.instruction is not None else \
+        (None if options else f"Choose one of: {', '.join(labels)}.")
     body = text + "".join(f"\n({_LETTERS[i]}) {o}" for i, o in enumerate(options or []))
     return (f"{head}\n" if head else "") + body + "\nAnswer:"
 
@@ -146,7 +147,7 @@ def load_examples(spec: DatasetSpec) -> list[Example]:
         return _finish(spec, _classification(_tsv_rows(spec), spec, task), path, "tsv")
     if not os.path.exists(path) and (spec.format == "hub" or (spec.format == "auto" and _HUB_ID.match(path)
                                                               and not os.path.splitext(path)[1])):
-        records = read_hub_records(path, subset=spec.subset, split=spec.split)
+        records = read_hub_records(path, subset=spec.subset, split=spec.split or "train")
     else:
         records = read_json_records(path)
     if not records:
