@@ -177,3 +177,15 @@ def test_chat_template_needs_one():
         get_template("chat", byte_tokenizer())
     with pytest.raises(LoramixError, match="unknown template 'alpacca'"):
         get_template("alpacca")
+
+
+def test_chat_template_renders_one_user_turn_without_a_second_bos():
+    tok = byte_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<s>[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant] {% endif %}")
+    ex = Example(instruction="Hi", input="there", output="yo", template="chat")
+    enc = Encoder(tok)
+    assert enc.prompt_text(ex) == "<s>[user] Hi\n\nthere\n[assistant] "
+    f = enc.encode_train(ex)
+    assert f["input_ids"].count(tok.bos_token_id) == 1  # the template's own <s>; no second BOS added
+    assert f["input_ids"][-1] == tok.eos_token_id

@@ -32,6 +32,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--template", help="prompt template for --task/--data files: alpaca, plain or chat")
     g.add_argument("--limit", type=int, help="at most this many examples per task")
     g.add_argument("--cutoff-len", type=int, default=None, help="longest sequence in tokens")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="rows per forward (default: the config's train.eval_batch_size, else 8)")
 
 
 def run_config(args: argparse.Namespace) -> RunConfig | None:
@@ -105,6 +107,10 @@ def cutoff_len(args: argparse.Namespace, cfg: RunConfig | None, default: int = 1
     if args.cutoff_len:
         return args.cutoff_len
     return cfg.data.cutoff_len if cfg else default
+
+
+def eval_batch_size(args: argparse.Namespace, cfg: RunConfig | None) -> int:
+    return args.batch_size or (cfg.train.eval_batch_size if cfg else 8)
 
 
 def quiet_transformers() -> None:

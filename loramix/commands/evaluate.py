@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_data_args, add_model_args, cutoff_len, load_task_examples, loaded_model, run_config
+from .common import (add_data_args, add_model_args, cutoff_len, eval_batch_size, load_task_examples, loaded_model,
+                     run_config)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -12,7 +13,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                           "by the log-likelihood of each choice; print a table, write JSON.")
     add_model_args(p)
     add_data_args(p)
-    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--output", help="write the results as JSON to this file")
     p.set_defaults(run=run)
 
@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = run_config(args)
     examples = load_task_examples(args, cfg)
     model, tokenizer, adapter = loaded_model(args, cfg)
-    results = with_average(score(model, Encoder(tokenizer), examples, batch_size=args.batch_size,
+    results = with_average(score(model, Encoder(tokenizer), examples, batch_size=eval_batch_size(args, cfg),
                                  max_len=cutoff_len(args, cfg)))
     print(format_table(results, title=f"adapter: {adapter or 'none (base model)'}"))
     if args.output:

@@ -5,7 +5,8 @@ import argparse
 import json
 import os
 
-from .common import add_data_args, add_model_args, load_task_examples, loaded_model, run_config
+from .common import (add_data_args, add_model_args, cutoff_len, eval_batch_size, load_task_examples, loaded_model,
+                     run_config)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -14,7 +15,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                           "and task; writes router_stats.json and router_heatmap.png.")
     add_model_args(p)
     add_data_args(p)
-    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--output-dir", default=".", help="where to write router_stats.json and router_heatmap.png")
     p.set_defaults(run=run)
 
@@ -26,8 +26,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = run_config(args)
     examples = load_task_examples(args, cfg)
     model, tokenizer, adapter = loaded_model(args, cfg)
-    cutoff = args.cutoff_len or (cfg.data.cutoff_len if cfg else 1024)
-    stats = router_statistics(model, Encoder(tokenizer, cutoff_len=cutoff), examples, batch_size=args.batch_size)
+    encoder = Encoder(tokenizer, cutoff_len=cutoff_len(args, cfg))
+    stats = router_statistics(model, encoder, examples, batch_size=eval_batch_size(args, cfg))
     os.makedirs(args.output_dir, exist_ok=True)
     json_path = os.path.join(args.output_dir, "router_stats.json")
     with open(json_path, "w", encoding="utf-8") as f:
