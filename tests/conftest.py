@@ -57,6 +57,44 @@ def randomize_adapter(model, *, seed: int = 0, std: float = 0.1) -> None:
                 param.copy_(torch.randn(param.shape, generator=g) * (std if "lora_B" in name else 1.0))
 
 
+def copy_into_peft(model, peft_model, *, expert: int = 0) -> None:
+    """Our LoRA weights and DoRA magnitudes (expert ``expert`` for experts) into PEFT's modules of the same
+    projections."""
+    inner = peft_model.base_model.model
+    with torch.no_grad():
+        for name, param in model.trainable_parameters():
+            if "router" in name:
+                continue
+            path, kind = name.rsplit(".", 1)
+            module = inner.get_submodule(path.replace(".experts.", "."))
+            value = param[expert] if ".experts." in name else param
+            if kind == "lora_magnitude":
+                module.lora_magnitude_vector["default"].weight.copy_(value)
+            else:
+                getattr(module, kind)["default"].weight.copy_(value)
+
+
+def run_dispatch(model, dispatch: str, **inputs):
+    """A forward and backward with every MoE layer on ``dispatch``: ``(output, {name: grad})``."""
+    model.set_dispatch(dispatch)
+    model.zero_grad()
+    out = model(**inputs)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.trainable_parameters()}
+
+
+def reference_package_logits(adapter_dir, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the reference ``mixlora`` package (skips when absent) for our moe-peft export in ``adapter_dir``."""
+    mixlora = pytest.importorskip("mixlora", reason="the reference `mixlora` package is not installed")
+    reference, _ = mixlora.MixLoraModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch.float32)
+    reference.eval()
+    for layer in reference.model.layers:  # its expert LoRAs live in plain dicts whose dropout is never off
+        for expert in layer.mlp.mixlora_moes["default"].experts_.values():
+            expert.dropout_.eval()
+    with torch.no_grad():
+        return reference(input_ids=ids).logits
+
+
 @pytest.fixture
 def stories_path() -> Path:
     if not (STORIES / "config.json").is_file():

@@ -10,7 +10,7 @@ import loramix
 from loramix import LoramixError, MixLoraConfig
 from loramix.routing import load_balancing_loss
 
-from conftest import ALL_FAMILIES, batch, randomize_adapter, tiny_model
+from conftest import ALL_FAMILIES, batch, copy_into_peft, randomize_adapter, run_dispatch, tiny_model
 
 
 def mixlora(model_type="llama", *, seed=0, **cfg):
@@ -41,18 +41,6 @@ def test_unknown_target_module_names_the_available_ones():
         mixlora("llama", target_modules=["q_proj", "gate_prj"])
 
 
-def _copy_into_peft(model, peft_model):
-    """Copy our LoRA weights (expert 0 for experts) into PEFT's modules of the same projections."""
-    inner = peft_model.base_model.model
-    with torch.no_grad():
-        for name, param in model.trainable_parameters():
-            if "router" in name:
-                continue
-            path, ab = name.rsplit(".", 1)
-            module = inner.get_submodule(path.replace(".experts.", "."))
-            getattr(module, ab)["default"].weight.copy_(param[0] if param.dim() == 3 else param)
-
-
 @pytest.mark.parametrize("model_type", ["llama", "phi", "phi3", "gpt2"])
 @pytest.mark.parametrize("rslora", [False, True])
 def test_one_expert_top1_equals_peft_lora_on_the_same_weights(model_type, rslora):
@@ -64,7 +52,7 @@ def test_one_expert_top1_equals_peft_lora_on_the_same_weights(model_type, rslora
     peft_model = get_peft_model(reference_base, LoraConfig(
         r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, use_rslora=rslora,
         fan_in_fan_out=model_type == "gpt2")).eval()
-    _copy_into_peft(model, peft_model)
+    copy_into_peft(model, peft_model)
     ids, mask = batch()
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
                                peft_model(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
@@ -76,7 +64,7 @@ def test_attention_lora_equals_peft_lora():
     randomize_adapter(model)
     peft_model = get_peft_model(reference_base, LoraConfig(
         r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])).eval()
-    _copy_into_peft(model, peft_model)
+    copy_into_peft(model, peft_model)
     ids, mask = batch()
     # No FFN projection targeted: every expert is the base FFN, so only the attention LoRAs differ from the base.
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
@@ -91,15 +79,8 @@ def test_grouped_dispatch_equals_the_per_expert_reference(model_type, experts, t
     ids, mask = batch(pad_rows=2)
     labels = ids.masked_fill(mask == 0, -100)
 
-    def run(dispatch):
-        model.set_dispatch(dispatch)
-        model.zero_grad()
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)
-        out.loss.backward()
-        return out, {n: p.grad.clone() for n, p in model.trainable_parameters()}
-
-    fast, fast_grads = run("grouped")
-    ref, ref_grads = run("reference")
+    fast, fast_grads = run_dispatch(model, "grouped", input_ids=ids, attention_mask=mask, labels=labels)
+    ref, ref_grads = run_dispatch(model, "reference", input_ids=ids, attention_mask=mask, labels=labels)
     torch.testing.assert_close(fast.logits, ref.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast.aux_loss, ref.aux_loss)
     for name in ref_grads:

@@ -14,7 +14,7 @@ from loramix import LoramixError, MixLoraConfig
 from loramix.routing import NO_EXPERT, SwitchRouter, expert_choices, load_balancing_loss, route_top_p, top_p_mask, \
     within_capacity, z_loss
 
-from conftest import batch, randomize_adapter, tiny_model
+from conftest import batch, randomize_adapter, run_dispatch, tiny_model
 
 
 def variant(model_type="llama", *, seed=0, **cfg):
@@ -195,18 +195,11 @@ def test_fast_path_equals_the_per_expert_reference_in_training(model_type, cfg):
     for ffn in model.moe_layers():
         ffn.router.train()  # switch capacity is a training rule; the model's dropouts stay off to compare
 
-    def run(dispatch):
-        model.set_dispatch(dispatch)
-        model.zero_grad()
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)
-        out.loss.backward()
-        return out, {n: p.grad.clone() for n, p in model.trainable_parameters()}
-
     over_capacity = []
     hooks = [ffn.router.register_forward_hook(lambda m, args, out: over_capacity.append((out[2] == NO_EXPERT).any()))
              for ffn in model.moe_layers()]
-    fast, fast_grads = run("grouped")
-    ref, ref_grads = run("reference")
+    fast, fast_grads = run_dispatch(model, "grouped", input_ids=ids, attention_mask=mask, labels=labels)
+    ref, ref_grads = run_dispatch(model, "reference", input_ids=ids, attention_mask=mask, labels=labels)
     for hook in hooks:
         hook.remove()
     torch.testing.assert_close(fast.logits, ref.logits, rtol=1e-5, atol=1e-5)
