@@ -68,7 +68,7 @@ def demo_config(model: str, tokenizer: str | None, paths: dict[str, dict[str, st
     }
 
 
-def run_demo(out: str, *, model: str | None = None, tokenizer: str | None = None, steps: int = 40,
+def run_demo(out: str, *, model: str | None = None, tokenizer: str | None = None, steps: int = 50,
              n_train: int = 200, n_test: int = 40, seed: int = 0, echo: Callable[[str], None] = print) -> dict:
     """The whole demo; returns {"before", "after", "wall_s", ...} and writes demo_results.json into ``out``."""
     from .train import train

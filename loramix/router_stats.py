@@ -90,6 +90,8 @@ def plot_heatmap(stats: dict[str, Any], path: str) -> None:
         ax.set_title(f"{task}\n({stats['tasks'][task]['tokens']} tokens)", fontsize=9)
         ax.set_xlabel("expert")
         ax.set_xticks(range(stats["num_experts"]))
+        if ax is not axes[0][0]:
+            ax.set_yticks([])
     axes[0][0].set_ylabel("layer")
     fig.colorbar(im, ax=axes[0].tolist(), label="share of routed tokens")
     fig.savefig(path, dpi=120)

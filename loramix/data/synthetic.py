@@ -16,10 +16,22 @@ _POSITIVE = ["wonderful", "delicious", "friendly", "excellent", "lovely", "fanta
              "charming", "brilliant", "great", "perfect"]
 _NEGATIVE = ["terrible", "awful", "rude", "disgusting", "horrible", "dreadful", "boring", "broken", "dirty",
              "disappointing", "bad", "poor"]
+_TOPICS = [
+    (["The home team", "Our striker", "The champion", "The coach", "The goalkeeper", "The runner"],
+     ["won", "lost", "scored in", "trained for", "missed", "celebrated"],
+     ["the final", "the match", "the league title", "the marathon", "the penalty shootout", "the derby"]),
+    (["The chef", "My grandmother", "The bakery", "The new cafe", "The restaurant", "Our cook"],
+     ["baked", "served", "cooked", "seasoned", "grilled", "tasted"],
+     ["fresh bread", "a spicy curry", "the pasta", "a chocolate cake", "the soup", "roast chicken"]),
+    (["A storm", "Heavy rain", "The heatwave", "A cold front", "Thick fog", "Strong wind"],
+     ["hit", "flooded", "swept over", "covered", "froze", "battered"],
+     ["the coast", "the valley", "the city", "the northern hills", "the airport", "the farmland"]),
+]
 _NOUNS = ["food", "service", "movie", "hotel", "room", "staff", "music", "book", "coffee", "trip", "show", "game"]
-def _parity(rng: random.Random) -> tuple[str, list[str], int]:
-    n = rng.randint(10, 9999)
-    return f"Is the number {n} even or odd?", ["even", "odd"], n % 2
+def _topic(rng: random.Random) -> tuple[str, list[str], int]:
+    gold = rng.randrange(3)
+    subject, verb, thing = (rng.choice(words) for words in _TOPICS[gold])
+    return f"Headline: {subject} {verb} {thing}.\nIs this about sports, food or weather?", ["sports", "food", "weather"], gold
 
 
 def _compare(rng: random.Random) -> tuple[str, list[str], int]:
@@ -37,7 +49,7 @@ def _sentiment(rng: random.Random) -> tuple[str, list[str], int]:
 
 
 GENERATORS: dict[str, Callable[[random.Random], tuple[str, list[str], int]]] = {
-    "parity": _parity, "compare": _compare, "sentiment": _sentiment}
+    "topic": _topic, "compare": _compare, "sentiment": _sentiment}
 
 
 def synthetic_task(task: str, n: int, *, seed: int = 0, exclude: set[str] | frozenset = frozenset()) -> list[dict]:
