@@ -132,11 +132,12 @@ def moe_config(model, arch: MoeArchitecture, dtype: torch.dtype):
     base_dict = base.to_dict()
     target_cls = CONFIG_MAPPING[arch.model_type]
     target_keys = set(target_cls().to_dict())
+    declared = set(type(base)().to_dict())  # keys the base's own class defines (the rest: extras it ignores)
     kwargs = {}
     for key, value in base_dict.items():
         if key in _SET_BY_EXPORT:
             continue
-        if key in target_keys or key in arch.carried:
+        if key in target_keys or key in arch.carried or key not in declared:
             kwargs[key] = value
         elif key in arch.dropped:
             if arch.dropped[key] is not None and value != arch.dropped[key]:
@@ -235,19 +236,19 @@ class ExportSummary:
             f"size: {self.num_params:,d} params, {modelfiles.format_bytes(self.num_bytes)} vs the base model's "
             f"{self.base_params:,d} params, {modelfiles.format_bytes(self.base_bytes)}: {ratio:.2f}x "
             f"(every MoE layer holds {self.num_experts} copies of the FFN)",
-            "tokenizer files: " + (", ".join(self.tokenizer_files) or "none found beside the base model"),
+            "tokenizer files: " + (", ".join(self.tokenizer_files) or "none (the base has none; pass a tokenizer)"),
         ])
 
 
 def export_moe(model, out_dir: str | os.PathLike, *, architecture: str | None = None,
                dtype: torch.dtype | None = None, max_shard_size: int | str = "5GB", overwrite: bool = False,
-               tokenizer_from: str | None = None) -> ExportSummary:
+               tokenizer=None) -> ExportSummary:
     """Write ``model`` (a top-k MixLoraModel) as a standard MoE checkpoint folder in ``out_dir``.
 
     ``architecture``: "mixtral" (llama, mistral bases), "qwen2_moe" (qwen2), "qwen3_moe" (qwen3), or None
-    to pick by base. ``dtype``: of the written weights (default: the base model's). Tokenizer and
-    generation-config files are copied from ``tokenizer_from`` (default: the base model's folder) when
-    present. The model is not modified.
+    to pick by base. ``dtype``: of the written weights (default: the base model's). ``tokenizer``: a
+    tokenizer to save, or a folder to copy tokenizer files from (default: the base model's folder, when it
+    has them). The model's generation config is written too. The model is not modified.
     """
     arch = architecture_for(model.config.model_type, architecture)
     check_exportable(model)
@@ -261,8 +262,9 @@ def export_moe(model, out_dir: str | os.PathLike, *, architecture: str | None = 
     written = modelfiles.write_safetensors(_checked(cast(tensors, dtype), layout, arch, dtype), out_dir,
                                            max_shard_size=max_shard_size)
     config.save_pretrained(out_dir)
-    copied = modelfiles.copy_tokenizer_files(tokenizer_from or getattr(hf_model.config, "_name_or_path", None),
-                                             out_dir)
+    modelfiles.write_generation_config(hf_model, out_dir)
+    copied = modelfiles.write_tokenizer(
+        tokenizer if tokenizer is not None else getattr(hf_model.config, "_name_or_path", None), out_dir)
     base_params = base_parameter_count(model)
     return ExportSummary(out_dir, arch.architecture, model.mixlora_config.num_experts, dtype, written.num_params,
                          written.num_bytes, base_params, base_params * model_dtype(hf_model).itemsize,

@@ -143,13 +143,21 @@ class MergeSummary:
         if self.adapter_path:
             lines.append(f"experts and routers: {self.adapter_path} "
                          f"(use it with --model {self.path} --adapter {self.adapter_path})")
-        lines.append("tokenizer files: " + (", ".join(self.tokenizer_files) or "none found beside the base model"))
+        lines.append("tokenizer files: " + (", ".join(self.tokenizer_files) or "none (the base has none; pass a tokenizer)"))
         return "\n".join(lines)
 
 
-def can_merge_all(model) -> bool:
-    """Every expert is the same FFN: one expert, or no expert LoRAs at all."""
-    return model.mixlora_config.num_experts == 1 or not any(layer.experts for layer in model.moe_layers())
+def full_merge_refusal(model) -> str | None:
+    """Why no dense model equals ``model`` (None when one does: every token gets the same FFN at weight 1)."""
+    cfg = model.mixlora_config
+    routing = getattr(cfg, "routing", "top_k")
+    if routing == "switch":
+        return "switch routing gives tokens over expert capacity the plain FFN, which no dense model can do"
+    if routing == "top_p" and cfg.num_experts > 1:
+        return "top-p routing weighs experts by their unrenormalised probabilities, which no dense model can do"
+    if cfg.num_experts > 1 and any(layer.experts for layer in model.moe_layers()):
+        return f"this adapter has {cfg.num_experts} different experts, which a dense model cannot hold"
+    return None
 
 
 def merge_attention_(model) -> None:
@@ -169,29 +177,28 @@ def _ffn_targets(model) -> list[str]:
 
 def merge_adapter(model, out_dir: str | os.PathLike, *, what: str = "all", dtype: torch.dtype | None = None,
                   max_shard_size: int | str = "5GB", overwrite: bool = False,
-                  tokenizer_from: str | None = None) -> MergeSummary:
+                  tokenizer=None) -> MergeSummary:
     """Write a dense checkpoint of ``model`` (a MixLoraModel) into ``out_dir``.
 
     ``what="all"``: every LoRA folded in (only for adapters whose experts are all the same FFN);
     the result is a plain model of the base architecture. ``what="attention"``: the attention LoRAs
     are folded into the base (in place, on ``model`` too) and the experts and routers are saved as a
-    MixLoRA adapter in ``out_dir/adapter`` whose base is ``out_dir``. Tokenizer files are copied from
-    ``tokenizer_from`` (default: the base model's folder) when present.
+    MixLoRA adapter in ``out_dir/adapter`` whose base is ``out_dir``. ``tokenizer``: as in
+    :func:`loramix.export.export_moe`.
     """
     if what not in ("all", "attention"):
         raise LoramixError(f"merge: what must be 'all' or 'attention', got {what!r}")
     if what == "attention" and not _ffn_targets(model):
         raise LoramixError("merge: this adapter has no expert LoRAs, so nothing would stay after merging the "
                            "attention LoRAs; merge everything instead")
-    if what == "all" and not can_merge_all(model):
-        raise LoramixError(
-            f"merge: this adapter has {model.mixlora_config.num_experts} different experts, which a dense model "
-            "cannot hold; merge the attention LoRAs only (--attention-only) or export it as a MoE model "
-            "(loramix export)")
+    refusal = full_merge_refusal(model) if what == "all" else None
+    if refusal:
+        raise LoramixError(f"merge: {refusal}; merge the attention LoRAs only (--attention-only)"
+                           + ("" if getattr(model.mixlora_config, "routing", "top_k") == "switch"
+                              else " or export it as a MoE model (loramix export)"))
     out_dir = os.path.abspath(os.fspath(out_dir))
     hf_model = model.base_model
     dtype = dtype or model_dtype(hf_model)
-    source = tokenizer_from or getattr(hf_model.config, "_name_or_path", None)
     modelfiles.prepare_output_dir(out_dir, overwrite=overwrite)
     adapter_path = None
     if what == "attention":
@@ -209,7 +216,9 @@ def merge_adapter(model, out_dir: str | os.PathLike, *, what: str = "all", dtype
         _set_activation(config, model.activation_name)
     config.architectures = [type(hf_model).__name__]
     config.save_pretrained(out_dir)
-    copied = modelfiles.copy_tokenizer_files(source, out_dir)
+    modelfiles.write_generation_config(hf_model, out_dir)
+    copied = modelfiles.write_tokenizer(
+        tokenizer if tokenizer is not None else getattr(hf_model.config, "_name_or_path", None), out_dir)
     return MergeSummary(out_dir, what, written.num_params, written.num_bytes, adapter_path, tuple(copied))
 
 

@@ -1,4 +1,4 @@
-"""Write a standard Hugging Face checkpoint folder: sharded safetensors, its index, tokenizer files.
+"""Write a standard Hugging Face checkpoint folder: sharded safetensors, its index, tokenizer, generation config.
 
 Tensors arrive as a stream of ``(name, tensor)`` pairs and are written shard by shard, so an export
 never holds more than one shard of new weights in memory.
@@ -20,10 +20,10 @@ from .errors import LoramixError
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-# Files a base model folder may carry beside its weights that belong with any model built from it.
+# Tokenizer files a base model folder may carry beside its weights.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
-                   "chat_template.json", "generation_config.json")
+                   "chat_template.json")
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -123,9 +123,14 @@ def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], directory: st
     return WrittenWeights(num_params, num_bytes, tuple(files))
 
 
-def copy_tokenizer_files(source: str | None, directory: str) -> list[str]:
-    """Copy the tokenizer and generation-config files that exist in ``source`` (a local folder) into
-    ``directory``; returns the names copied (none when ``source`` is not a folder)."""
+def write_tokenizer(source, directory: str) -> list[str]:
+    """Put a tokenizer into ``directory``; returns the file names written.
+
+    ``source``: a local folder (its tokenizer files are copied as they are), a tokenizer object (saved
+    with ``save_pretrained``), or None / a folder without tokenizer files (nothing written).
+    """
+    if hasattr(source, "save_pretrained"):
+        return sorted(os.path.basename(path) for path in source.save_pretrained(directory))
     if not source or not os.path.isdir(source):
         return []
     copied = []
@@ -135,3 +140,10 @@ def copy_tokenizer_files(source: str | None, directory: str) -> list[str]:
             shutil.copyfile(path, os.path.join(directory, name))
             copied.append(name)
     return copied
+
+
+def write_generation_config(hf_model, directory: str) -> None:
+    """The model's generation defaults (eos ids, ...), as transformers' own ``save_pretrained`` writes them."""
+    generation_config = getattr(hf_model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(directory)

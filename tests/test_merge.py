@@ -86,6 +86,23 @@ def test_attention_only_merge_keeps_the_experts_as_an_adapter(tmp_path, use_dora
     assert (want - logits(reloaded)).abs().max().item() <= 1e-4
 
 
+def test_single_expert_top_p_adapter_merges_fully(tmp_path):
+    model = mixlora("llama", num_experts=1, routing="top_p", top_k=None, top_p=0.5)
+    merge_adapter(model, tmp_path)
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert (logits(model) - logits(dense)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({}, "4 different experts"),
+    ({"target_modules": ["q_proj"], "routing": "switch", "top_k": 1}, "switch routing"),
+    ({"target_modules": ["q_proj"], "routing": "top_p", "top_k": None, "top_p": 0.5}, "top-p routing"),
+])
+def test_refuses_a_full_merge_no_dense_model_equals(tmp_path, cfg, message):
+    with pytest.raises(LoramixError, match=message):
+        merge_adapter(mixlora("llama", **cfg), tmp_path)
+
+
 def test_refuses_a_full_merge_of_different_experts(tmp_path):
     with pytest.raises(LoramixError, match="--attention-only"):
         merge_adapter(mixlora("llama"), tmp_path)

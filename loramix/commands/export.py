@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..errors import LoramixError
 
@@ -9,11 +10,11 @@ from ..errors import LoramixError
 def add_output_args(p: argparse.ArgumentParser) -> None:
     """The arguments ``export`` and ``merge`` share: what to load and how to write."""
     p.add_argument("output_dir", metavar="OUT", help="folder to write the checkpoint into")
-    p.add_argument("--model", required=True, help="the base model: local folder or hub id")
+    p.add_argument("--model", required=True, help="the base model: local folder, hub id or .gguf file")
     p.add_argument("--adapter", required=True, help="the MixLoRA adapter folder")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the written weights (default: the base checkpoint's)")
-    p.add_argument("--tokenizer", help="copy tokenizer files from this folder (default: the base model's folder)")
+    p.add_argument("--tokenizer", help="copy tokenizer files from this folder (default: the base model's)")
     p.add_argument("--max-shard-size", default="5GB", help="largest weight file, e.g. 5GB or 500MB")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
 
@@ -29,11 +30,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def load_mixlora(args: argparse.Namespace):
-    """(MixLoraModel, torch dtype) from --model, --adapter and --dtype."""
+    """(MixLoraModel, torch dtype, tokenizer folder or object or None) from --model, --adapter, --dtype, --tokenizer."""
     import torch
     from transformers import AutoConfig
 
-    from ..loading import adapter_kind, attach_adapter, load_base_model
+    from ..loading import adapter_kind, attach_adapter, load_base_model, load_tokenizer
     from ..runconfig import ModelSpec
     from .common import quiet_transformers
 
@@ -41,22 +42,30 @@ def load_mixlora(args: argparse.Namespace):
     if adapter_kind(args.adapter) != "mixlora":
         raise LoramixError(f"{args.adapter}: a plain LoRA adapter; merge it with PEFT's merge_and_unload")
     dtype = args.dtype
-    if dtype is None:
-        try:
-            found = str(AutoConfig.from_pretrained(args.model).dtype).removeprefix("torch.")
-        except (OSError, ValueError) as e:
-            raise LoramixError(f"could not read the config of {args.model!r}: {str(e).splitlines()[0]}") from None
+    if dtype is None:  # the base checkpoint's own dtype (GGUF files are dequantised to float32)
+        found = "float32"
+        if not args.model.endswith(".gguf"):
+            try:
+                found = str(AutoConfig.from_pretrained(args.model).dtype).removeprefix("torch.")
+            except (OSError, ValueError) as e:
+                raise LoramixError(f"could not read the config of {args.model!r}: {str(e).splitlines()[0]}") from None
         dtype = found if found in ("float32", "bfloat16", "float16") else "float32"
-    model = attach_adapter(load_base_model(ModelSpec(name_or_path=args.model, dtype=dtype)), args.adapter)
-    return model, getattr(torch, dtype)
+    spec = ModelSpec(name_or_path=args.model, dtype=dtype)
+    model = attach_adapter(load_base_model(spec), args.adapter)
+    tokenizer = args.tokenizer or (args.model if os.path.isdir(args.model) else None)
+    if tokenizer is None:  # a hub id or a .gguf file: save the tokenizer transformers builds from it
+        try:
+            tokenizer = load_tokenizer(spec)
+        except LoramixError:
+            tokenizer = None
+    return model, getattr(torch, dtype), tokenizer
 
 
 def run(args: argparse.Namespace) -> int:
     from ..export import export_moe
 
-    model, dtype = load_mixlora(args)
+    model, dtype, tokenizer = load_mixlora(args)
     summary = export_moe(model, args.output_dir, architecture=args.to, dtype=dtype,
-                         max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                         tokenizer_from=args.tokenizer or args.model)
+                         max_shard_size=args.max_shard_size, overwrite=args.overwrite, tokenizer=tokenizer)
     print(summary.report())
     return 0

@@ -19,9 +19,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..merge import merge_adapter
 
-    model, dtype = load_mixlora(args)
+    model, dtype, tokenizer = load_mixlora(args)
     summary = merge_adapter(model, args.output_dir, what="attention" if args.attention_only else "all",
                             dtype=dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                            tokenizer_from=args.tokenizer or args.model)
+                            tokenizer=tokenizer)
     print(summary.report())
     return 0
