@@ -97,7 +97,11 @@ def run_demo(out: str, *, model: str | None = None, tokenizer: str | None = None
 
     stats = router_statistics(result.model, encoder, test, batch_size=32)
     heatmap = os.path.join(out, "router_heatmap.png")
-    plot_heatmap(stats, heatmap)
+    try:
+        plot_heatmap(stats, heatmap)
+    except LoramixError as e:
+        heatmap = None
+        echo(f"note: no heatmap: {e}")
     with open(os.path.join(out, "router_stats.json"), "w", encoding="utf-8") as f:
         json.dump(stats, f, indent=2)
     echo(format_summary(stats))

@@ -74,8 +74,10 @@ def router_statistics(model: Any, encoder: Encoder, examples: list[Example], *, 
 
 def plot_heatmap(stats: dict[str, Any], path: str) -> None:
     """One panel per task: layers (rows) x experts (columns), colour = share of routed tokens."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise LoramixError("the router heatmap needs matplotlib (pip install matplotlib)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -47,22 +47,23 @@ def test_same_seed_same_adapter_and_loss_goes_down(setup, tmp_path):
     assert {"lr", "grad_norm", "epoch"} <= log[0].keys()
 
 
-def test_resume_matches_uninterrupted_run_bitwise(setup, tmp_path):
+def test_resume_matches_uninterrupted_run_bitwise(setup, tmp_path, monkeypatch):
     full = _run(setup, tmp_path / "full", max_steps=6, save_steps=3)
-    _run(setup, tmp_path / "part", max_steps=3, save_steps=3)
-    # The interrupted run planned 3 steps; a resumed run with the full plan must land on the same adapter.
-    # (Same schedule needs the same total: redo the first half with max_steps=6 and stop it at step 3.)
-    half = tmp_path / "half"
-    _run(setup, half, max_steps=6, save_steps=3, save_total_limit=None)
-    for step, path in ckpt.list_checkpoints(str(half)):
-        if step > 3:
-            __import__("shutil").rmtree(path)
-    (half / "adapter").rename(half / "old-adapter")
-    resumed = _run(setup, half, resume=True, max_steps=6, save_steps=3)
+    save_then_stop = ckpt.rotate
+
+    def interrupt(out, keep):  # the run dies right after writing checkpoint-3
+        save_then_stop(out, keep)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ckpt, "rotate", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _run(setup, tmp_path / "half", max_steps=6, save_steps=3)
+    monkeypatch.undo()
+    assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path / "half"))] == [3]
+    resumed = _run(setup, tmp_path / "half", resume=True, max_steps=6, save_steps=3)
     assert resumed.steps == 6
     assert _equal(adapter_tensors(full.adapter_dir), adapter_tensors(resumed.adapter_dir))
-    log = [yaml.safe_load(x)["step"] for x in (half / "log.jsonl").read_text().splitlines()]
-    assert log == [1, 2, 3, 4, 5, 6, 4, 5, 6]
+    log = [yaml.safe_load(x)["step"] for x in (tmp_path / "half" / "log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4, 5, 6]
 
 
 def test_existing_run_needs_resume(setup, tmp_path):

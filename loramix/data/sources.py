@@ -139,7 +139,10 @@ def load_examples(spec: DatasetSpec) -> list[Example]:
         if not spec.task:
             raise LoramixError("a dataset entry needs 'path' (a file or hub id) or a built-in 'task'")
         info = builtin_task(spec.task)
-        records = read_hub_records(info.hub[0], subset=info.hub[1], split=spec.split or info.hub[2])
+        try:
+            records = read_hub_records(info.hub[0], subset=info.hub[1], split=spec.split or info.hub[2])
+        except LoramixError as e:
+            raise LoramixError(f"task {info.name}: no data file given (use {info.name}=PATH); {e}") from None
         return _finish(spec, [info.parse(r, w) for w, r in records], info.hub[0], "reference")
     is_tsv = spec.format == "tsv" or (spec.format == "auto" and path.lower().endswith((".tsv", ".tab")))
     task = canonical_task_name(spec.task) if spec.task else default_task_name(path)
