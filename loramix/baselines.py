@@ -3,8 +3,9 @@ projections) and ``mixlora`` and ``mixdora`` (loramix); their trainable-paramete
 rank whose budget matches a MixLoRA config's (the paper pairs MixLoRA r=16, 8 experts with LoRA r=80).
 
 An adapter spec is the ``adapter`` mapping of a run config: MixLoraConfig keys plus ``method`` (default
-``mixlora``) and ``lora_r``, the rank of the LoRA/DoRA baselines: an integer, ``"match"`` (the largest
-rank whose budget does not exceed the MixLoRA/MixDoRA one), or absent (the MixLoRA ``r``).
+``mixdora`` with ``use_dora: true``, else ``mixlora``; the method decides ``use_dora``) and ``lora_r``, the
+rank of the LoRA/DoRA baselines: an integer, ``"match"`` (the largest rank whose budget does not exceed the
+MixLoRA/MixDoRA one), or absent (the MixLoRA ``r``).
 """
 
 from __future__ import annotations
@@ -43,14 +44,20 @@ class MethodSpec:
 def method_spec(adapter: dict[str, Any], *, source: str = "adapter") -> MethodSpec:
     """Split an adapter mapping into ``method``, ``lora_r`` and the MixLoraConfig (errors name the key)."""
     keys = dict(adapter)
-    method = keys.pop("method", "mixlora")
-    if method not in METHODS:
+    method = keys.pop("method", None)
+    if method is not None and method not in METHODS:
         _reject_unknown(method, METHODS, f"{source}.method")
     lora_r = keys.pop("lora_r", None)
     if lora_r is not None and lora_r != "match" and (isinstance(lora_r, bool) or not isinstance(lora_r, int)
                                                      or lora_r < 1):
         raise LoramixError(f"{source}.lora_r must be a positive integer or 'match', got {lora_r!r}")
-    return MethodSpec(method, MixLoraConfig.from_dict(keys, source=source), lora_r)
+    config = MixLoraConfig.from_dict(keys, source=source)
+    if method is None:
+        method = "mixdora" if config.use_dora else "mixlora"
+    elif "use_dora" in keys and config.use_dora != (method in ("dora", "mixdora")):
+        raise LoramixError(f"{source}.use_dora {str(config.use_dora).lower()} contradicts method {method!r} "
+                           "(the method decides DoRA; drop use_dora)")
+    return MethodSpec(method, config, lora_r)
 
 
 def build_model(base: nn.Module, spec: MethodSpec) -> nn.Module:

@@ -107,11 +107,18 @@ def test_baseline_trains_with_falling_loss_and_lora_r_match(method):
     assert losses[-1] < losses[0] - 0.25, losses
 
 
+def test_method_defaults_follow_use_dora():
+    assert method_spec({}).method == "mixlora"
+    assert method_spec({"use_dora": True}).method == "mixdora"
+    assert method_spec({"method": "dora", "use_dora": True}).use_dora
+
+
 @pytest.mark.parametrize("adapter, message", [
     ({"method": "lorra"}, "unknown adapter.method 'lorra'; did you mean 'lora'?"),
     ({"lora_r": 0}, "adapter.lora_r must be a positive integer or 'match', got 0"),
     ({"lora_r": "best"}, "adapter.lora_r must be a positive integer or 'match'"),
     ({"num_expert": 2}, "unknown adapter key 'num_expert'; did you mean 'num_experts'?"),
+    ({"method": "mixlora", "use_dora": True}, "adapter.use_dora true contradicts method 'mixlora'"),
 ])
 def test_bad_method_settings(adapter, message):
     with pytest.raises(LoramixError) as info:
