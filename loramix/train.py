@@ -20,7 +20,8 @@ import torch
 import yaml
 
 from . import checkpoint as ckpt
-from .data import IGNORE_INDEX, Encoder, collate, load_mixture, pad_token_id
+from .data import IGNORE_INDEX, Encoder, load_mixture, pad_token_id
+from .distributed import DataParallel, make_accelerator
 from .errors import LoramixError
 from .loading import load_base_model, load_tokenizer
 from .runconfig import RunConfig, TrainSpec
@@ -94,11 +95,14 @@ def make_plan(n: int, t: TrainSpec) -> Plan:
 class _Logger:
     """JSON-lines log, TensorBoard when installed, and the progress bar."""
 
-    def __init__(self, output_dir: str, total: int, start: int, show_bar: bool) -> None:
+    def __init__(self, output_dir: str, total: int, start: int, show_bar: bool, *, main: bool = True) -> None:
         from tqdm.auto import tqdm
 
-        self.path = os.path.join(output_dir, LOG_NAME)
-        self.bar = tqdm(total=total, initial=start, desc="train", disable=not show_bar, dynamic_ncols=True)
+        self.path = os.path.join(output_dir, LOG_NAME) if main else None  # only process 0 writes
+        self.bar = tqdm(total=total, initial=start, desc="train", disable=not (show_bar and main), dynamic_ncols=True)
+        self.tb = None
+        if self.path is None:
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -107,6 +111,8 @@ class _Logger:
             self.tb = None
 
     def log(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
@@ -121,12 +127,13 @@ class _Logger:
             self.tb.close()
 
 
-def _save(path: str, model: Any, optimizer: Any, scheduler: Any, step: int, cfg: RunConfig) -> None:
+def _save(path: str, model: Any, optimizer: Any, scheduler: Any, step: int, cfg: RunConfig,
+          extra: dict[str, Any]) -> None:
     def write(tmp: str) -> None:
         model.save_pretrained(tmp)
         torch.save({"step": step, "params": {n: p.detach().cpu().clone() for n, p in trainable(model)},
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": ckpt.rng_state()}, os.path.join(tmp, ckpt.STATE_NAME))
+                    "rng": ckpt.rng_state(), **extra}, os.path.join(tmp, ckpt.STATE_NAME))
         with open(os.path.join(tmp, "run_config.yaml"), "w", encoding="utf-8") as f:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     ckpt.atomic_dir(path, write)
@@ -163,11 +170,13 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
           tokenizer: Any = None) -> TrainResult:
     """Run the training described by ``cfg`` (on ``base_model``/``tokenizer`` when given, else loaded from
     ``cfg.model``)."""
-    from accelerate import Accelerator
     from transformers import get_scheduler
 
     t = cfg.train
     out = t.output_dir
+    accelerator = make_accelerator(t.precision)
+    dp = DataParallel(accelerator)
+    echo = echo if dp.is_main else (lambda _: None)
     specs = [dataclasses.replace(s, template=s.template or cfg.data.template) for s in cfg.data.datasets]
     examples = load_mixture(specs, seed=t.seed)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
@@ -179,13 +188,15 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
              f"cutoff_len={cfg.data.cutoff_len} and are skipped")
     if not features:
         raise LoramixError("no training example has answer tokens within data.cutoff_len")
-    plan = make_plan(len(features), t)
+    global_batch = dp.global_micro_batch(out, resume, t.micro_batch_size)
+    plan = make_plan(len(features), dataclasses.replace(t, micro_batch_size=global_batch))
 
     set_seed(t.seed)
     model = build_adapter_model(base_model if base_model is not None else load_base_model(cfg.model), cfg.adapter)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    dp.seed_processes(t.seed)
     optimizer = make_optimizer(model, t)
     warmup = t.warmup_steps or math.ceil(t.warmup_ratio * plan.total_steps)
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=plan.total_steps)
@@ -197,6 +208,7 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
         found = ckpt.list_checkpoints(out)
         if found:
             step = _restore(found[-1][1], model, optimizer, scheduler)
+            dp.restore_rng(t.seed, step)
             echo(f"resuming from {found[-1][1]} (step {step} of {plan.total_steps})")
         else:
             echo(f"no checkpoint in {out}; starting from scratch")
@@ -204,26 +216,22 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
         raise LoramixError(f"{out} already holds a run; pass --resume to continue it or choose another "
                            "train.output_dir")
 
-    accelerator = Accelerator(mixed_precision="bf16" if t.precision == "bf16" else "no")
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     pad = pad_token_id(tokenizer)
     acc = t.gradient_accumulation_steps
-    echo(f"training on {plan.n_examples} examples: {plan.total_steps} steps of {acc} x {t.micro_batch_size}")
-    logger = _Logger(out, plan.total_steps, step, t.progress_bar)
+    echo(f"training on {plan.n_examples} examples: {plan.total_steps} steps of {acc} x {global_batch}"
+         + (f" ({dp.world} processes)" if dp.world > 1 else ""))
+    logger = _Logger(out, plan.total_steps, step, t.progress_bar, main=dp.is_main)
     start = time.time()
     try:
         while step < plan.total_steps:
             losses, auxes = [], []
             for m in range(step * acc, (step + 1) * acc):
-                batch = collate([features[i] for i in plan.micro_batch(m, t.micro_batch_size, t.seed)], pad)
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                with accelerator.autocast():
-                    output = model(**batch)
-                aux = getattr(output, "aux_loss", None)
-                accelerator.backward(output.loss / acc)
-                losses.append(output.loss.item())
-                auxes.append(0.0 if aux is None else aux.item())
+                shard = dp.shard(features, plan.micro_batch(m, global_batch, t.seed), pad)
+                ce, aux = dp.forward_backward(model, shard, scale=1 / acc, sync=m == (step + 1) * acc - 1)
+                losses.append(ce + aux)
+                auxes.append(aux)
             grad_norm = None
             if t.max_grad_norm:
                 grad_norm = float(accelerator.clip_grad_norm_([p for _, p in trainable(model)], t.max_grad_norm))
@@ -236,15 +244,20 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
                 logger.log({"step": step, "epoch": round(step * acc / plan.micro_per_epoch, 4),
                             "loss": sum(losses) / acc, "aux_loss": sum(auxes) / acc,
                             "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                            "elapsed_s": round(time.time() - start, 2)})
+                            "elapsed_s": round(time.time() - start, 2), **dp.load.summary()})
             if (t.save_steps and step % t.save_steps == 0) or step == plan.total_steps:
-                _save(os.path.join(out, f"checkpoint-{step}"), accelerator.unwrap_model(model), optimizer, scheduler,
-                      step, cfg)
-                ckpt.rotate(out, t.save_total_limit)
+                extra = dp.checkpoint_extra(global_batch)
+                if dp.is_main:
+                    _save(os.path.join(out, f"checkpoint-{step}"), accelerator.unwrap_model(model), optimizer,
+                          scheduler, step, cfg, extra)
+                    ckpt.rotate(out, t.save_total_limit)
+                dp.barrier()
     finally:
         logger.close()
     final = os.path.join(out, ADAPTER_DIR)
     model = accelerator.unwrap_model(model)
-    ckpt.atomic_dir(final, model.save_pretrained)
+    if dp.is_main:
+        ckpt.atomic_dir(final, model.save_pretrained)
+    dp.barrier()
     echo(f"adapter saved to {final}")
     return TrainResult(final, model.eval(), tokenizer, step)
