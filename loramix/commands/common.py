@@ -129,3 +129,26 @@ def loaded_model(args: argparse.Namespace, cfg: RunConfig | None) -> tuple[Any, 
     adapter = adapter_path(args, cfg)
     model, tokenizer = load_model(model_spec(args, cfg), adapter)
     return model, tokenizer, adapter
+
+
+@dataclasses.dataclass
+class Scoring:
+    """What eval and inspect work on: the examples, the model (with its adapter) and an encoder."""
+
+    cfg: RunConfig | None
+    examples: list[Example]
+    model: Any
+    encoder: Any
+    adapter: str | None
+    batch_size: int
+
+
+def scoring_setup(args: argparse.Namespace) -> Scoring:
+    """Read the config and data first (fast failures), then load the model."""
+    from ..data import Encoder
+
+    cfg = run_config(args)
+    examples = load_task_examples(args, cfg)
+    model, tokenizer, adapter = loaded_model(args, cfg)
+    return Scoring(cfg, examples, model, Encoder(tokenizer, cutoff_len=cutoff_len(args, cfg)), adapter,
+                   eval_batch_size(args, cfg))

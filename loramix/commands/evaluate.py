@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (add_data_args, add_model_args, cutoff_len, eval_batch_size, load_task_examples, loaded_model,
-                     run_config)
+from .common import add_data_args, add_model_args, scoring_setup
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -18,16 +17,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import Encoder
     from ..evaluate import format_table, score, with_average, write_json
 
-    cfg = run_config(args)
-    examples = load_task_examples(args, cfg)
-    model, tokenizer, adapter = loaded_model(args, cfg)
-    results = with_average(score(model, Encoder(tokenizer), examples, batch_size=eval_batch_size(args, cfg),
-                                 max_len=cutoff_len(args, cfg)))
-    print(format_table(results, title=f"adapter: {adapter or 'none (base model)'}"))
+    job = scoring_setup(args)
+    results = with_average(score(job.model, job.encoder, job.examples, batch_size=job.batch_size,
+                                 max_len=job.encoder.cutoff_len))
+    print(format_table(results, title=f"adapter: {job.adapter or 'none (base model)'}"))
     if args.output:
-        write_json(args.output, {"adapter": adapter, "results": results})
+        write_json(args.output, {"adapter": job.adapter, "results": results})
         print(f"results written to {args.output}")
     return 0

@@ -5,8 +5,7 @@ import argparse
 import json
 import os
 
-from .common import (add_data_args, add_model_args, cutoff_len, eval_batch_size, load_task_examples, loaded_model,
-                     run_config)
+from .common import add_data_args, add_model_args, scoring_setup
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -20,18 +19,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import Encoder
     from ..router_stats import format_summary, plot_heatmap, router_statistics
 
-    cfg = run_config(args)
-    examples = load_task_examples(args, cfg)
-    model, tokenizer, adapter = loaded_model(args, cfg)
-    encoder = Encoder(tokenizer, cutoff_len=cutoff_len(args, cfg))
-    stats = router_statistics(model, encoder, examples, batch_size=eval_batch_size(args, cfg))
+    job = scoring_setup(args)
+    stats = router_statistics(job.model, job.encoder, job.examples, batch_size=job.batch_size)
     os.makedirs(args.output_dir, exist_ok=True)
     json_path = os.path.join(args.output_dir, "router_stats.json")
     with open(json_path, "w", encoding="utf-8") as f:
-        json.dump({"adapter": adapter, **stats}, f, indent=2)
+        json.dump({"adapter": job.adapter, **stats}, f, indent=2)
     png_path = os.path.join(args.output_dir, "router_heatmap.png")
     plot_heatmap(stats, png_path)
     print(format_summary(stats))
