@@ -1,4 +1,4 @@
-"""Stacked expert LoRA parameters: all experts' A or B as one matmul, or one expert at a time."""
+"""Stacked expert LoRA parameters (the grouped application is loramix/fused.py)."""
 
 from __future__ import annotations
 
@@ -43,14 +43,16 @@ class ExpertLoras(nn.Module):
         """The active dropout probability on the LoRA input (0 in eval mode or without dropout)."""
         return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) and self.training else 0.0
 
-    def low_rank_all(self, x: torch.Tensor) -> torch.Tensor:
-        """All experts' ``A dropout(x)`` in one matmul. x: ``[T, in]`` -> fp32 ``[T, E*r]`` (expert-major)."""
-        return F.linear(self.lora_dropout(x.float()), self.lora_A.flatten(0, 1))
+    def keep_mask(self, rows: int) -> torch.Tensor | None:
+        """A dropout mask for ``rows`` inputs, bool ``[rows, in]`` (True: kept), or None when dropout is inactive."""
+        p = self.dropout_p
+        if p == 0:
+            return None
+        return torch.empty(rows, self.lora_A.shape[-1], device=self.lora_A.device, dtype=torch.bool).bernoulli_(1 - p)
 
-    def expand_low_rank(self, low: torch.Tensor) -> torch.Tensor:
-        """All experts' B in one matmul: ``scaling * sum_e B_e low[:, e]``. low: ``[T, E*r]`` -> fp32 ``[T, out]``."""
-        B = self.lora_B.permute(1, 0, 2).reshape(self.lora_B.shape[1], -1)            # [out, E*r]
-        return F.linear(low, B) * self.scaling
+    def dropped_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``dropout(x)`` in fp32, the input of every expert's A. x: ``[T, in]``."""
+        return self.lora_dropout(x.float())
 
     def delta(self, u: torch.Tensor, expert: int) -> torch.Tensor:
         """One expert's delta, straight from the formula. u: ``[n, in]`` -> fp32 ``[n, out]``."""

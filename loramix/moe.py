@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .experts import ExpertLoras
-from .fused import InputProjection, PairMix, PairMixSpec, sort_pairs
+from .fused import PairMix, PairMixSpec, sort_pairs
 from .families import FUSED_GATED, GATED, Family, projection_shape, projection_weight
 from .reference import reference_expert_mix
 from .routing import NO_EXPERT, TopKRouter
@@ -111,33 +111,34 @@ class MixLoraFFN(nn.Module):
     def grouped_expert_mix(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """The fast path (DESIGN.md section 2).
 
-        x: ``[T, D]``; weights, experts: ``[T, k]``. The base input projections run once on all tokens and
-        all experts' A once per projection; the (token, expert) pairs, sorted by expert, go through
-        :class:`~loramix.fused.PairMix` (each expert's B on its contiguous segment, the activation, the
-        weighted sum back onto tokens); the shared base output projection runs once on that sum
-        (``sum_e w_e W2 a_e = W2 sum_e w_e a_e``) and all experts' output B once on their weighted rank-r rows.
+        x: ``[T, D]``; weights, experts: ``[T, k]``. The base input projections run once on all tokens;
+        the (token, expert) pairs, sorted by expert, go through :class:`~loramix.fused.PairMix` (each
+        expert's LoRAs on its contiguous segment, the activation, the weighted sum back onto tokens); the
+        shared base output projection runs once on that sum (``sum_e w_e W2 a_e = W2 sum_e w_e a_e``).
         """
         routing = sort_pairs(experts, self.num_experts)
-        pair_weight = weights.reshape(-1).index_select(0, routing.order)                 # [P] fp32
-        tensors, projections = [], []
+        tensors, scalings = [], []
         for name in self.input_names:
             tensors.append(self.projection(name)(x))                                     # [T, out]
             lora = self.experts[name] if name in self.experts else None
-            projections.append(InputProjection(scaling=None if lora is None else lora.scaling))
+            scalings.append(None if lora is None else lora.scaling)
             if lora is not None:
-                tensors += [lora.low_rank_all(x), lora.lora_B]
+                tensors += [lora.dropped_input(x), lora.lora_A, lora.lora_B]
         out_lora = self.experts[self.output_name] if self.output_name in self.experts else None
+        keep = None
         if out_lora is not None:
-            tensors.append(out_lora.lora_A)
-        spec = PairMixSpec(routing=routing, activate=self.activate, inputs=tuple(projections),
-                           output_targeted=out_lora is not None,
-                           output_dropout=0.0 if out_lora is None else out_lora.dropout_p, num_experts=self.num_experts)
-        outputs = PairMix.apply(spec, pair_weight, *tensors)
-        mixed = outputs if out_lora is None else outputs[0]                                     # [T, I] fp32
+            tensors += [out_lora.lora_A, out_lora.lora_B]
+            keep = out_lora.keep_mask(x.shape[0])  # one mask per token, shared by its experts
+        spec = PairMixSpec(routing=routing, activate=self.activate, input_scalings=tuple(scalings),
+                           output_scaling=None if out_lora is None else out_lora.scaling,
+                           output_keep_scale=1.0 if keep is None else 1.0 / (1.0 - out_lora.dropout_p))
+        pair_weight = weights.reshape(-1).index_select(0, routing.order)                 # [P] fp32
+        outputs = PairMix.apply(spec, pair_weight, keep, *tensors)
+        mixed = outputs if out_lora is None else outputs[0]                               # [T, I] fp32
         y = self.projection(self.output_name)(mixed.to(x.dtype))                         # [T, D]
         bias = projection_weight(self.projection(self.output_name))[1]
         if bias is not None and not self.router.renormalises:  # the bias came once; sum_e w_e b needs sum(w) != 1
             y = y + ((weights.sum(dim=-1, keepdim=True) - 1) * bias.float()).to(y.dtype)
         if out_lora is not None:
-            y = y + out_lora.expand_low_rank(outputs[1]).to(y.dtype)
+            y = y + outputs[1].to(y.dtype)
         return y

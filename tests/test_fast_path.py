@@ -1,0 +1,226 @@
+"""The fast MoE path (loramix/fused.py) against the per-expert reference and a per-pair formula; the benchmark."""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import loramix
+from loramix import MixLoraConfig
+from loramix.bench import BenchShape, peak_step_bytes, run_benchmark
+from loramix.fused import PairMix, PairMixSpec, sort_pairs
+
+from conftest import batch, randomize_adapter, run_dispatch, tiny_model
+
+
+def mixlora(model_type="llama", *, seed=0, dtype=torch.float32, **cfg):
+    defaults = dict(r=4, lora_alpha=8, lora_dropout=0.0, num_experts=4, top_k=2)
+    model = loramix.get_mixlora_model(tiny_model(model_type, seed=seed, dtype=dtype),
+                                      MixLoraConfig(**{**defaults, **cfg}))
+    randomize_adapter(model, seed=seed)
+    return model
+
+
+def assert_parity(model, *, rtol, atol, grad_rtol, grad_atol, rows=3, pad_rows=2):
+    """Fast and reference dispatch agree in logits, aux loss and every adapter gradient (padded batch)."""
+    ids, mask = batch(rows=rows, pad_rows=pad_rows)
+    labels = ids.masked_fill(mask == 0, -100)
+    fast, fast_grads = run_dispatch(model, "grouped", input_ids=ids, attention_mask=mask, labels=labels)
+    ref, ref_grads = run_dispatch(model, "reference", input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(fast.logits, ref.logits, rtol=rtol, atol=atol)
+    torch.testing.assert_close(fast.aux_loss, ref.aux_loss, rtol=rtol, atol=atol)
+    torch.testing.assert_close(fast.loss, ref.loss, rtol=rtol, atol=atol)
+    assert set(fast_grads) == set(ref_grads) and ref_grads
+    for name in ref_grads:
+        single_expert_router = "router" in name and model.mixlora_config.num_experts == 1  # softmax of one logit
+        assert single_expert_router or ref_grads[name].abs().max() > 0, name  # every adapter tensor is exercised
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=grad_rtol, atol=grad_atol, msg=name)
+
+
+@pytest.mark.parametrize("model_type, targets", [
+    ("llama", None),
+    ("llama", ["q_proj", "up_proj"]),                 # gated, one input projection adapted, no output LoRA
+    ("llama", ["v_proj", "gate_proj", "down_proj"]),
+    ("llama", ["down_proj"]),                         # output LoRA only
+    ("phi", ["fc1"]),                                 # plain FFN with biases
+    ("phi", None),
+    ("phi3", ["gate_up_proj"]),                       # fused gate/up
+    ("phi3", None),
+    ("gpt2", None),                                   # Conv1D projections
+])
+def test_fp32_parity_for_every_ffn_kind_and_target_subset(model_type, targets):
+    model = mixlora(model_type, target_modules=targets, num_experts=6, top_k=2)
+    assert_parity(model, rtol=1e-5, atol=1e-5, grad_rtol=1e-4, grad_atol=1e-6)
+
+
+@pytest.mark.parametrize("experts, top_k", [(1, 1), (8, 2), (8, 1), (3, 3), (16, 4)])
+def test_fp32_parity_for_expert_counts_and_top_k(experts, top_k):
+    # 16 experts on 27 tokens leaves some experts empty; k == E routes every token to every expert.
+    model = mixlora("llama", num_experts=experts, top_k=top_k, seed=experts)
+    assert_parity(model, rtol=1e-5, atol=1e-5, grad_rtol=1e-4, grad_atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "phi3", "gpt2"])
+def test_bf16_parity(model_type):
+    model = mixlora(model_type, dtype=torch.bfloat16, num_experts=4, top_k=2)
+    assert next(model.base_model.parameters()).dtype == torch.bfloat16
+    # Both paths round the base projections to bf16 in different places (rows gathered before or after
+    # the delta is added): agreement is to bf16 precision, far below the size of the logits.
+    assert_parity(model, rtol=3e-2, atol=3e-2, grad_rtol=5e-2, grad_atol=2e-3)
+
+
+def test_single_token_decode_steps_and_generate_match_the_reference():
+    model = mixlora("llama", num_experts=8, top_k=2).eval()
+    ids, mask = batch(rows=2, pad_rows=1)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                  output_logits=True, return_dict_in_generate=True)
+    model.set_dispatch("grouped")
+    fast = model.generate(**kwargs)  # each decode step routes T = 2 tokens: most experts get none
+    model.set_dispatch("reference")
+    ref = model.generate(**kwargs)
+    assert torch.equal(fast.sequences, ref.sequences)
+    for fast_step, ref_step in zip(fast.logits, ref.logits):
+        torch.testing.assert_close(fast_step, ref_step, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_checkpointing_with_active_dropout_gives_the_same_gradients():
+    # Dropout masks are drawn inside the fast path's forward; the checkpointed recomputation must draw
+    # the same ones (the RNG state is restored), or the gradients would differ.
+    model = mixlora("llama", lora_dropout=0.3)
+    ids, mask = batch()
+    model.train()
+
+    def step():
+        torch.manual_seed(123)
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask, labels=ids)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.trainable_parameters()}
+
+    loss, grads = step()
+    model.gradient_checkpointing_enable()
+    loss_ckpt, grads_ckpt = step()
+    torch.testing.assert_close(loss_ckpt, loss)
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], msg=name)
+
+
+def test_dropout_is_active_in_training_only():
+    model = mixlora("llama", lora_dropout=0.5, target_modules=["down_proj"])
+    ids, mask = batch()
+    model.train()
+    assert not torch.equal(model(input_ids=ids, attention_mask=mask).logits,
+                           model(input_ids=ids, attention_mask=mask).logits)
+    model.eval()
+    with torch.no_grad():
+        fast = model(input_ids=ids, attention_mask=mask).logits
+        model.set_dispatch("reference")
+        torch.testing.assert_close(fast, model(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+
+
+# ---- PairMix on its own, in float64, against a per-pair formula and finite differences -----------------
+
+def _pair_problem(kind: str, *, dropout: bool, seed: int = 0):
+    """A small PairMix problem: (spec, weight, keep, tensors, formula) with float64 leaves."""
+    g = torch.Generator().manual_seed(seed)
+    T, D, I, E, k, r = 7, 5, 6, 4, 2, 3
+    experts = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    weight = torch.rand(T, k, generator=g, dtype=torch.float64)
+    out_width = {"gated": I, "fused": 2 * I, "plain": I}[kind]
+    n_inputs = 2 if kind == "gated" else 1
+    act_fn = F.silu if kind != "plain" else F.gelu
+
+    def activate(h):
+        if kind == "gated":
+            return act_fn(h[0]) * h[1]
+        if kind == "fused":
+            gate, up = h[0].chunk(2, dim=-1)
+            return up * act_fn(gate)
+        return act_fn(h[0])
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+    inputs = [(rand(T, out_width), rand(T, D), rand(E, r, D), rand(E, out_width, r)) for _ in range(n_inputs)]
+    out_A, out_B = rand(E, r, I), rand(E, D, r)
+    keep_scale = 1.0
+    keep = None
+    if dropout:
+        keep_scale = 1 / (1 - 0.4)
+        keep = (torch.rand(T, I, generator=g) > 0.4).to(torch.float64) * keep_scale
+    scalings = (0.5,) * n_inputs
+    routing = sort_pairs(experts, E)
+    pair_weight = weight.reshape(-1)[routing.order].requires_grad_()
+    tensors = [t for projection in inputs for t in projection] + [out_A, out_B]
+
+    def formula(pair_weight, *tensors):
+        """Per (token, slot) straight from the definition, with the same dropout mask."""
+        w = torch.zeros(T * k, dtype=torch.float64).index_copy(0, routing.order, pair_weight).view(T, k)
+        mixed, delta = torch.zeros(T, I, dtype=torch.float64), torch.zeros(T, D, dtype=torch.float64)
+        ins = [tensors[4 * j:4 * j + 4] for j in range(n_inputs)]
+        A2, B2 = tensors[-2:]
+        for t in range(T):
+            for slot in range(k):
+                e = experts[t, slot]
+                h = [H[t] + 0.5 * B[e] @ (A[e] @ X[t]) for H, X, A, B in ins]
+                a = activate([v.unsqueeze(0) for v in h])[0]
+                dropped = a if keep is None else a * keep[t]
+                mixed[t] += w[t, slot] * a
+                delta[t] += w[t, slot] * 2.0 * B2[e] @ (A2[e] @ dropped)
+        return mixed, delta
+
+    mask = None if keep is None else keep > 0
+    spec = PairMixSpec(routing=routing, activate=activate, input_scalings=scalings, output_scaling=2.0,
+                       output_keep_scale=keep_scale)
+    return spec, pair_weight, mask, tensors, formula
+
+
+@pytest.mark.parametrize("kind", ["gated", "fused", "plain"])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_pair_mix_equals_the_per_pair_formula_and_its_gradients(kind, dropout):
+    spec, weight, keep, tensors, formula = _pair_problem(kind, dropout=dropout)
+    mixed, delta = PairMix.apply(spec, weight, keep, *tensors)
+    want_mixed, want_delta = formula(weight, *tensors)
+    torch.testing.assert_close(mixed, want_mixed, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(delta, want_delta, rtol=1e-12, atol=1e-12)
+
+    probe = torch.randn(mixed.shape, dtype=torch.float64), torch.randn(delta.shape, dtype=torch.float64)
+    leaves = [weight, *tensors]
+    got = torch.autograd.grad((mixed * probe[0]).sum() + (delta * probe[1]).sum(), leaves)
+    want_m, want_d = formula(weight, *tensors)
+    want = torch.autograd.grad((want_m * probe[0]).sum() + (want_d * probe[1]).sum(), leaves)
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"gradient of argument {i}")
+
+
+def test_pair_mix_passes_gradcheck():
+    spec, weight, keep, tensors, _ = _pair_problem("gated", dropout=True, seed=1)
+    assert torch.autograd.gradcheck(lambda w, *t: PairMix.apply(spec, w, keep, *t), (weight, *tensors))
+
+
+# ---- the benchmark ---------------------------------------------------------------------------------------
+
+def test_peak_step_bytes_counts_the_live_peak_of_a_step():
+    def step(_model, _batch):
+        a = torch.ones(1 << 18)          # 1 MiB
+        b = torch.ones(1 << 19)          # 2 MiB, 3 MiB live
+        del a, b
+        c = torch.ones(1 << 18)          # 1 MiB live again
+        return c.sum()
+
+    peak = peak_step_bytes(None, step, {}, device="cpu")
+    assert 3 << 20 <= peak < (3 << 20) + (64 << 10)
+
+
+def test_run_benchmark_reports_medians_memory_and_ratios_to_peft():
+    shape = BenchShape(hidden=32, ffn=48, layers=2, vocab=64, heads=4, batch=2, seq=8, experts=4, top_k=2, rank=4)
+    result = run_benchmark(shape, threads=None, reps=1, warmup=0)
+    json.dumps(result)
+    assert set(result["results"]) == {"peft-lora", "mixlora", "mixlora-reference"}
+    for res in result["results"].values():
+        assert res["train_step_s"] > 0 and res["inference_forward_s"] > 0 and res["peak_step_extra_mb"] > 0
+        assert set(res["ratio_to_peft_lora"]) == {"train_step", "inference_forward", "peak_step_extra",
+                                                  "peak_step_total"}
+    assert result["results"]["peft-lora"]["ratio_to_peft_lora"]["train_step"] == 1.0
