@@ -21,12 +21,15 @@ from transformers.core_model_loading import revert_weight_conversion
 from . import modelfiles
 from .errors import LoramixError
 from .families import GATED
-from .merge import Tensors, base_parameter_count, base_tensors, cast, expert_merged_weight, model_dtype
+from .merge import (Tensors, base_parameter_count, base_tensors, cast, check_unquantised, expert_merged_weight,
+                    model_dtype)
 from .moe import MixLoraFFN
 
-# Config keys that are not copied from the base (set by the export, or bookkeeping).
+# Config keys that are not copied from the base (set by the export, or bookkeeping; the weights are
+# written dequantised, so a GGUF base's quantization_config does not apply).
 _SET_BY_EXPORT = {"model_type", "architectures", "transformers_version", "dtype", "_name_or_path",
-                  "intermediate_size", "hidden_act", "output_router_logits", "router_aux_loss_coef"}
+                  "intermediate_size", "hidden_act", "output_router_logits", "router_aux_loss_coef",
+                  "quantization_config"}
 # Sliding-window keys: checked through the per-layer windows they produce, not key by key.
 _SLIDING = {"sliding_window", "use_sliding_window", "max_window_layers", "layer_types"}
 
@@ -253,6 +256,7 @@ def export_moe(model, out_dir: str | os.PathLike, *, architecture: str | None = 
     arch = architecture_for(model.config.model_type, architecture)
     check_exportable(model)
     hf_model = model.base_model
+    check_unquantised(hf_model)
     dtype = dtype or model_dtype(hf_model)
     config = moe_config(model, arch, dtype)
     layout = checkpoint_layout(config)

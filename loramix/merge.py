@@ -121,6 +121,18 @@ def base_parameter_count(model) -> int:
     return sum(p.numel() for p in model.base_model.parameters() if id(p) not in adapter)
 
 
+def check_unquantised(hf_model: nn.Module) -> None:
+    """Folding needs real weights: refuse a base loaded quantised (GGUF files are dequantised on load)."""
+    quantization = getattr(hf_model.config, "quantization_config", None)
+    if quantization is None:
+        return
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
+    method = str(getattr(method, "value", method))  # an enum in transformers' own configs
+    if method != "gguf":
+        raise LoramixError(f"the base model was loaded quantised ({method}); "
+                           "load it in float32/bfloat16 to fold the adapter into its weights")
+
+
 def model_dtype(hf_model: nn.Module) -> torch.dtype:
     """The dtype of the base model's embedding weights (what its checkpoint holds)."""
     return hf_model.get_input_embeddings().weight.dtype
@@ -198,6 +210,7 @@ def merge_adapter(model, out_dir: str | os.PathLike, *, what: str = "all", dtype
                               else " or export it as a MoE model (loramix export)"))
     out_dir = os.path.abspath(os.fspath(out_dir))
     hf_model = model.base_model
+    check_unquantised(hf_model)
     dtype = dtype or model_dtype(hf_model)
     modelfiles.prepare_output_dir(out_dir, overwrite=overwrite)
     adapter_path = None
@@ -212,6 +225,7 @@ def merge_adapter(model, out_dir: str | os.PathLike, *, what: str = "all", dtype
         out_dir, max_shard_size=max_shard_size)
     config = copy.deepcopy(hf_model.config)
     config.dtype = dtype
+    vars(config).pop("quantization_config", None)  # the weights are written dequantised
     if what == "all":
         _set_activation(config, model.activation_name)
     config.architectures = [type(hf_model).__name__]
