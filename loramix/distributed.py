@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .data import IGNORE_INDEX, collate
-from .routing import auxiliary_loss
+from .routing import auxiliary_loss, expert_choices
 
 
 def make_accelerator(precision: str) -> Any:
@@ -71,17 +71,16 @@ class Shard:
 
 
 class RouterLoad:
-    """Share of the top-k choices per layer and expert over all processes' tokens, between two log lines."""
+    """Share of the routing choices per layer and expert over all processes' tokens, between two log lines."""
 
     def __init__(self) -> None:
         self.counts: torch.Tensor | None = None  # [L, E]
 
     @torch.no_grad()
-    def add(self, logits: list[torch.Tensor], token_mask: torch.Tensor, top_k: int) -> None:
-        """logits: per layer ``[T, E]``; token_mask ``[T]``."""
-        choice = torch.stack(logits).topk(top_k, dim=-1).indices.flatten(1)          # [L, T*k]
-        weight = token_mask.float().repeat_interleave(top_k).expand_as(choice)      # [L, T*k]
-        counts = torch.zeros(len(logits), logits[0].shape[-1], device=weight.device).scatter_add_(1, choice, weight)
+    def add(self, logits: list[torch.Tensor], token_mask: torch.Tensor, config: Any) -> None:
+        """logits: per layer ``[T, E]``; token_mask ``[T]``; config: the MixLoraConfig (its routing's choices)."""
+        choices = torch.stack([expert_choices(z, config) for z in logits])            # [L, T, E]
+        counts = (choices * token_mask.float()[None, :, None]).sum(dim=1)            # [L, E]
         self.counts = counts if self.counts is None else self.counts + counts
 
     def summary(self) -> dict[str, float]:
@@ -189,7 +188,7 @@ class DataParallel:
         logits = model.router_logits()
         if self.world > 1:
             logits, token_mask = self._gather_rows(logits, token_mask)
-        self.load.add(logits, token_mask, config.top_k)
+        self.load.add(logits, token_mask, config)
         return auxiliary_loss(logits, config, token_mask=token_mask)
 
     def _gather_rows(self, logits: list[torch.Tensor], token_mask: torch.Tensor

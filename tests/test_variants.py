@@ -367,3 +367,21 @@ def test_each_variant_trains_with_falling_loss(cfg):
         losses.append(out.loss.item())
     assert losses[-1] < losses[0] - 0.25, losses
     assert all(p.grad is not None for _, p in model.trainable_parameters())
+
+
+@pytest.mark.parametrize("routing", ["top_p", "switch"])
+def test_routing_variants_train_through_loramix_train(tmp_path, routing):
+    """The trainer's router loss and load log follow the routing (top-p has no top_k)."""
+    import yaml
+    from helpers_cli import tiny_llama_dir, tiny_run_config, toy_classification
+
+    from loramix.runconfig import build_run_config
+    from loramix.train import train
+
+    raw = tiny_run_config(tiny_llama_dir(tmp_path / "model"), toy_classification(tmp_path / "toy.jsonl"),
+                          tmp_path / "run", max_steps=3)
+    raw["adapter"].pop("top_k")
+    raw["adapter"]["routing"] = routing
+    assert train(build_run_config(raw), echo=lambda _: None).steps == 3
+    log = [yaml.safe_load(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(r["aux_loss"] > 0 and 0 < r["router_balance"] <= 1 for r in log), log
