@@ -66,7 +66,7 @@ def _run_rows(model: Any, rows: list[_Row], pad_id: int, batch_size: int, device
             pos = torch.tensor([p for p, _ in row.reads], device=logits.device)
             tok = torch.tensor([t for _, t in row.reads], device=logits.device)
             logp = torch.log_softmax(logits[b, pos].float(), dim=-1)  # [n_reads, V]
-            row.result = logp[torch.arange(len(pos)), tok].tolist()
+            row.result = logp[torch.arange(len(pos), device=logp.device), tok].tolist()
 
 
 def _argmax(values: list[float]) -> int:
