@@ -83,6 +83,12 @@ class PairMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec: PairMixSpec, weight: torch.Tensor, keep: torch.Tensor | None, *tensors: torch.Tensor):
+        with torch.autocast(weight.device.type, enabled=False):  # dtypes are chosen explicitly here
+            return PairMix._forward(ctx, spec, weight, keep, *tensors)
+
+    @staticmethod
+    def _forward(ctx, spec: PairMixSpec, weight: torch.Tensor, keep: torch.Tensor | None, *tensors: torch.Tensor):
+        weight = weight.to(torch.promote_types(weight.dtype, torch.float32))  # the mixing dtype, fp32 at least
         inputs, output = _unpack(spec, tensors)
         routing, token = spec.routing, spec.routing.token
         num_tokens = inputs[0][0].shape[0]
@@ -107,6 +113,11 @@ class PairMix(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_mixed: torch.Tensor, grad_delta: torch.Tensor | None = None):
+        with torch.autocast(grad_mixed.device.type, enabled=False):
+            return PairMix._backward(ctx, grad_mixed, grad_delta)
+
+    @staticmethod
+    def _backward(ctx, grad_mixed: torch.Tensor, grad_delta: torch.Tensor | None):
         spec: PairMixSpec = ctx.spec
         routing, token = spec.routing, spec.routing.token
         count = len(spec.input_scalings)

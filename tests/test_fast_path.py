@@ -71,6 +71,13 @@ def test_bf16_parity(model_type):
     assert_parity(model, rtol=3e-2, atol=3e-2, grad_rtol=5e-2, grad_atol=2e-3)
 
 
+def test_bf16_autocast_parity():
+    # Under autocast the base projections (and the router) compute in bf16; the fast path picks its dtypes itself.
+    model = mixlora("llama", num_experts=4, top_k=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert_parity(model, rtol=3e-2, atol=3e-2, grad_rtol=1e-1, grad_atol=5e-3)
+
+
 def test_single_token_decode_steps_and_generate_match_the_reference():
     model = mixlora("llama", num_experts=8, top_k=2).eval()
     ids, mask = batch(rows=2, pad_rows=1)
