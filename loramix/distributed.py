@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .data import IGNORE_INDEX, collate
+from .errors import LoramixError
 from .routing import auxiliary_loss, expert_choices
 
 
@@ -124,6 +125,20 @@ class DataParallel:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP: each process holds a shard of every parameter and of the optimizer state."""
+        return getattr(self.accelerator, "distributed_type", None) == "FSDP"
+
+    def whole_parameters(self, model: Any) -> Any:
+        """Context in which process 0 sees whole parameters (FSDP gathers its shards; collective), for saving."""
+        if not self.sharded:
+            return contextlib.nullcontext()
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(model, writeback=False, rank0_only=True,
+                                                           offload_to_cpu=True)
+
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
@@ -140,6 +155,9 @@ class DataParallel:
         if found:
             state = torch.load(os.path.join(found[-1][1], ckpt.STATE_NAME), map_location="cpu", mmap=True,
                                weights_only=False)
+            if state.get("sharded_optimizer"):
+                raise LoramixError(f"{found[-1][1]}: written by an FSDP run, whose checkpoints keep only process 0's "
+                                   "shard of the optimizer state; resume is supported for DDP runs")
             self._rng_states = state.get("rng_processes")
             if "global_micro_batch" in state:
                 return int(state["global_micro_batch"])
@@ -219,7 +237,8 @@ class DataParallel:
             dist.all_gather_object(states, ckpt.rng_state())
         else:
             states = [ckpt.rng_state()]
-        return {"global_micro_batch": global_micro_batch, "processes": self.world, "rng_processes": states}
+        return {"global_micro_batch": global_micro_batch, "processes": self.world, "rng_processes": states,
+                "sharded_optimizer": self.sharded}
 
     def restore_rng(self, seed: int, step: int) -> None:
         """After a resume on process 0's RNG state: each process its own saved stream when the number of

@@ -251,17 +251,19 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
                             "elapsed_s": round(time.time() - start, 2), **dp.load.summary()})
             if (t.save_steps and step % t.save_steps == 0) or step == plan.total_steps:
                 extra = dp.checkpoint_extra(global_batch)
-                if dp.is_main:
-                    _save(os.path.join(out, f"checkpoint-{step}"), accelerator.unwrap_model(model), optimizer,
-                          scheduler, step, cfg, extra)
-                    ckpt.rotate(out, t.save_total_limit)
+                with dp.whole_parameters(model):
+                    if dp.is_main:
+                        _save(os.path.join(out, f"checkpoint-{step}"), accelerator.unwrap_model(model), optimizer,
+                              scheduler, step, cfg, extra)
+                        ckpt.rotate(out, t.save_total_limit)
                 dp.barrier()
     finally:
         logger.close()
     final = os.path.join(out, ADAPTER_DIR)
-    model = accelerator.unwrap_model(model)
-    if dp.is_main:
-        ckpt.atomic_dir(final, model.save_pretrained)
+    with dp.whole_parameters(model):
+        if dp.is_main:
+            ckpt.atomic_dir(final, accelerator.unwrap_model(model).save_pretrained)
     dp.barrier()
+    model = accelerator.unwrap_model(model)
     echo(f"adapter saved to {final}")
     return TrainResult(final, model.eval(), tokenizer, step)
