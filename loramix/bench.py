@@ -18,7 +18,7 @@ import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TextIO
 
 import torch
 from torch import nn
@@ -162,13 +162,24 @@ def peak_step_bytes(model: nn.Module, step: Callable, batch: dict[str, torch.Ten
     return peak
 
 
+def profile_table(model: nn.Module, step: Callable, batch: dict[str, torch.Tensor], *, rows: int = 25) -> str:
+    """A ``torch.profiler`` table (ops by self CPU time) of one ``step``: where the time of a step goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        step(model, batch)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def run_benchmark(shape: BenchShape = BenchShape(), *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                   threads: int | None = 2, reps: int = 10, warmup: int = 2,
-                  variants: tuple[str, ...] = VARIANTS, seed: int = 0) -> dict:
+                  variants: tuple[str, ...] = VARIANTS, seed: int = 0, profile: TextIO | None = None) -> dict:
     """Median train-step and inference-forward seconds and peak training-step memory per variant.
 
     Returns a JSON-ready dict: the settings, and per variant the medians, the peak bytes (step extra and
     total with resident parameters) and, when ``peft-lora`` is among the variants, the ratios to it.
+    With ``profile`` (a text stream), a profiler table of one training step per variant is written to it.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -178,6 +189,8 @@ def run_benchmark(shape: BenchShape = BenchShape(), *, device: str = "cpu", dtyp
     infer = time_interleaved(models, inference_forward, batch, reps=reps, warmup=warmup, device=device)
     results = {}
     for name, model in models.items():
+        if profile is not None:
+            print(f"== {name}: one training step ==\n{profile_table(model, train_step, batch)}", file=profile)
         step_bytes = peak_step_bytes(model, train_step, batch, device=device)
         results[name] = {
             "train_step_s": statistics.median(train[name]),

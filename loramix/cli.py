@@ -11,7 +11,7 @@ import sys
 
 from .errors import LoramixError
 
-COMMANDS = ("train", "evaluate", "inspect", "generate", "demo", "export", "merge", "params")
+COMMANDS = ("train", "evaluate", "inspect", "generate", "demo", "export", "merge", "params", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import loramix
 from loramix import MixLoraConfig
-from loramix.bench import BenchShape, peak_step_bytes, run_benchmark
+from loramix.bench import peak_step_bytes
+from loramix.cli import main
 from loramix.fused import PairMix, PairMixSpec, sort_pairs
 
 from conftest import batch, randomize_adapter, run_dispatch, tiny_model
@@ -221,13 +222,27 @@ def test_peak_step_bytes_counts_the_live_peak_of_a_step():
     assert 3 << 20 <= peak < (3 << 20) + (64 << 10)
 
 
-def test_run_benchmark_reports_medians_memory_and_ratios_to_peft():
-    shape = BenchShape(hidden=32, ffn=48, layers=2, vocab=64, heads=4, batch=2, seq=8, experts=4, top_k=2, rank=4)
-    result = run_benchmark(shape, threads=None, reps=1, warmup=0)
-    json.dumps(result)
+def test_bench_command_prints_medians_memory_and_ratios_to_peft(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--hidden", "32", "--ffn", "48", "--layers", "2", "--vocab", "64", "--heads", "4",
+                 "--batch", "2", "--seq", "8", "--experts", "4", "--rank", "4", "--reps", "1", "--warmup", "0",
+                 "--threads", "0", "--output", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == result
+    assert result["shape"]["hidden"] == 32 and result["shape"]["rank"] == 4
     assert set(result["results"]) == {"peft-lora", "mixlora", "mixlora-reference"}
     for res in result["results"].values():
         assert res["train_step_s"] > 0 and res["inference_forward_s"] > 0 and res["peak_step_extra_mb"] > 0
         assert set(res["ratio_to_peft_lora"]) == {"train_step", "inference_forward", "peak_step_extra",
                                                   "peak_step_total"}
     assert result["results"]["peft-lora"]["ratio_to_peft_lora"]["train_step"] == 1.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variants", "mixlora,lora"], "--variants: unknown variant 'lora'"),
+    (["--hidden", "30", "--heads", "4"], "--hidden (30) must be a multiple of --heads (4)"),
+    (["--reps", "0"], "--reps must be >= 1"),
+])
+def test_bench_command_rejects_bad_arguments_in_one_line(argv, message, capsys):
+    assert main(["bench", *argv]) == 2
+    assert f"loramix: error: {message}" in capsys.readouterr().err
