@@ -210,7 +210,7 @@ def _checked(tensors: Tensors, layout: dict[str, tuple[int, ...]], arch: MoeArch
                                f"expects {shape}")
         yield name, tensor
     for name, shape in remaining.items():
-        if not name.endswith(arch.zero_tensors or ("\0",)):
+        if not (arch.zero_tensors and name.endswith(arch.zero_tensors)):
             raise LoramixError(f"export: {arch.architecture} needs {name!r}, which the base model does not have")
         yield name, torch.zeros(shape, dtype=dtype)
 
@@ -239,7 +239,7 @@ class ExportSummary:
             f"size: {self.num_params:,d} params, {modelfiles.format_bytes(self.num_bytes)} vs the base model's "
             f"{self.base_params:,d} params, {modelfiles.format_bytes(self.base_bytes)}: {ratio:.2f}x "
             f"(every MoE layer holds {self.num_experts} copies of the FFN)",
-            "tokenizer files: " + (", ".join(self.tokenizer_files) or "none (the base has none; pass a tokenizer)"),
+            modelfiles.tokenizer_report(self.tokenizer_files),
         ])
 
 

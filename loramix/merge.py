@@ -155,7 +155,7 @@ class MergeSummary:
         if self.adapter_path:
             lines.append(f"experts and routers: {self.adapter_path} "
                          f"(use it with --model {self.path} --adapter {self.adapter_path})")
-        lines.append("tokenizer files: " + (", ".join(self.tokenizer_files) or "none (the base has none; pass a tokenizer)"))
+        lines.append(modelfiles.tokenizer_report(self.tokenizer_files))
         return "\n".join(lines)
 
 

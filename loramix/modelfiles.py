@@ -142,6 +142,10 @@ def write_tokenizer(source, directory: str) -> list[str]:
     return copied
 
 
+def tokenizer_report(files: tuple[str, ...] | list[str]) -> str:
+    return "tokenizer files: " + (", ".join(files) or "none (the base has none; pass a tokenizer)")
+
+
 def write_generation_config(hf_model, directory: str) -> None:
     """The model's generation defaults (eos ids, ...), as transformers' own ``save_pretrained`` writes them."""
     generation_config = getattr(hf_model, "generation_config", None)
