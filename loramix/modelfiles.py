@@ -62,7 +62,7 @@ def prepare_output_dir(directory: str, *, overwrite: bool) -> None:
     if os.path.isfile(directory):
         raise LoramixError(f"output path {directory} is a file, expected a folder")
     if os.path.isdir(directory) and os.listdir(directory) and not overwrite:
-        raise LoramixError(f"output folder {directory} is not empty (pass overwrite to replace its files)")
+        raise LoramixError(f"output folder {directory} is not empty (--overwrite / overwrite=True replaces its files)")
     os.makedirs(directory, exist_ok=True)
     for name in os.listdir(directory):  # stale shards of an earlier write would confuse loaders
         if name == INDEX_NAME or re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", name):

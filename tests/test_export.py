@@ -9,7 +9,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import loramix
-from loramix import LoramixError, MixLoraConfig
+from loramix import LoramixError, MixLoraConfig, cli
 from loramix.commands import export as export_command
 from loramix.export import export_moe
 
@@ -215,6 +215,10 @@ def test_export_command_on_a_saved_model_copies_the_tokenizer(tmp_path, capsys):
                                         "--to", "mixtral", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "MixtralForCausalLM" in printed and "3 copies of the FFN" in printed and "tokenizer.json" in printed
+    argv = ["export", "--model", str(base_dir), "--adapter", str(adapter_dir), str(out)]
+    assert cli.main(argv) == 2  # the real command line: one error line, nothing overwritten
+    assert capsys.readouterr().err.strip().endswith("is not empty (--overwrite / overwrite=True replaces its files)")
+    assert cli.main(argv + ["--overwrite"]) == 0
     tokenizer = AutoTokenizer.from_pretrained(out)
     exported, _ = load_export(out)
     ids = tokenizer(["a mixture of experts"], return_tensors="pt")
