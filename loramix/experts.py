@@ -43,12 +43,14 @@ class ExpertLoras(nn.Module):
         """The active dropout probability on the LoRA input (0 in eval mode or without dropout)."""
         return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) and self.training else 0.0
 
-    def keep_mask(self, rows: int) -> torch.Tensor | None:
-        """A dropout mask for ``rows`` inputs, bool ``[rows, in]`` (True: kept), or None when dropout is inactive."""
+    def dropout_mask(self, rows: int) -> torch.Tensor | None:
+        """An inverted-dropout mask for ``rows`` inputs, fp32 ``[rows, in]`` of 0 and ``1/(1-p)``, or None when
+        dropout is inactive (``dropout(u) == u * mask``)."""
         p = self.dropout_p
         if p == 0:
             return None
-        return torch.empty(rows, self.lora_A.shape[-1], device=self.lora_A.device, dtype=torch.bool).bernoulli_(1 - p)
+        mask = torch.empty(rows, self.lora_A.shape[-1], device=self.lora_A.device, dtype=torch.float32)
+        return mask.bernoulli_(1 - p).div_(1 - p)
 
     def dropped_input(self, x: torch.Tensor) -> torch.Tensor:
         """``dropout(x)`` in fp32, the input of every expert's A. x: ``[T, in]``."""

@@ -56,22 +56,20 @@ class PairMixSpec:
 
     activate: the FFN activation from the input projections' pair rows (``MixLoraFFN.activate``);
     input_scalings: per input projection, its expert LoRA scaling, or None when it has no expert LoRA;
-    output_scaling: the same for the output projection; output_keep_scale: ``1 / (1 - p)`` for the
-    output LoRA's input dropout ``p``.
+    output_scaling: the same for the output projection.
     """
 
     routing: PairRouting
     activate: Callable[[list[torch.Tensor]], torch.Tensor]
     input_scalings: tuple[float | None, ...]
     output_scaling: float | None
-    output_keep_scale: float = 1.0
 
 
 class PairMix(torch.autograd.Function):
     """The pair work of one MoE FFN: ``mixed`` ``[T, I]`` and ``delta`` ``[T, D]``, in the weights' dtype (fp32).
 
     Arguments after ``spec``: ``weight`` ``[P]`` fp32 (pair weights, sorted like the pairs); ``keep``
-    ``[T, I]`` bool, the output LoRA's dropout mask (one per token, shared by its experts) or None; per
+    ``[T, I]``, the output LoRA's dropout mask (0 or ``1/(1-p)``, one per token, shared by its experts) or None; per
     input projection j its base output ``H_j`` ``[T, out]`` and, with an expert LoRA, its dropped-out fp32
     input ``X_j`` ``[T, D]``, ``A_j`` ``[E, r, D]`` and ``B_j`` ``[E, out, r]``; last, with an output
     LoRA, ``A`` ``[E, r, I]`` and ``B`` ``[E, D, r]``.
@@ -98,12 +96,11 @@ class PairMix(torch.autograd.Function):
         delta = out_low = None
         if output is not None:
             A, B = output
-            dropped = act if keep is None else torch.where(keep.index_select(0, token), act, 0)
+            dropped = act if keep is None else act * keep.index_select(0, token)
             out_low = weight.new_empty(weight.shape[0], A.shape[1])
             pair_delta = weight.new_empty(weight.shape[0], B.shape[1])
             for expert, start, end in routing.segments:
                 low = torch.matmul(dropped[start:end].to(weight.dtype), A[expert].t(), out=out_low[start:end])
-                low.mul_(spec.output_keep_scale)
                 torch.matmul(low * (w[start:end] * spec.output_scaling), B[expert].t(), out=pair_delta[start:end])
             delta = _sum_onto_tokens(pair_delta, token, num_tokens)
         mixed = _sum_onto_tokens(act.to(weight.dtype) * w, token, num_tokens)
@@ -139,7 +136,7 @@ class PairMix(torch.autograd.Function):
             dropped = act.detach().to(weight.dtype)
             keep_rows = None if keep is None else keep.index_select(0, token)
             if keep_rows is not None:
-                dropped = torch.where(keep_rows, dropped, 0)
+                dropped = dropped * keep_rows
             back = torch.empty_like(grad_act)
             grad_delta_rows = grad_delta.index_select(0, token)                        # [P, D]
             for expert, start, end in routing.segments:
@@ -149,11 +146,11 @@ class PairMix(torch.autograd.Function):
                     grad_B[expert] = grad_rows.t() @ (low * weighted)
                 grad_low = grad_rows @ B[expert]                                       # [n, r]
                 grad_weight[start:end] += spec.output_scaling * torch.linalg.vecdot(grad_low, low)
-                grad_low.mul_(weighted * spec.output_keep_scale)
+                grad_low.mul_(weighted)
                 if grad_A is not None:
                     grad_A[expert] = grad_low.t() @ dropped[start:end]
                 torch.matmul(grad_low, A[expert], out=back[start:end])
-            grad_act += back if keep_rows is None else torch.where(keep_rows, back, 0)
+            grad_act += back if keep_rows is None else back.mul_(keep_rows)
         grad_pre = torch.autograd.grad(act, pre, grad_act.to(act.dtype))
         x_rows = _gathered(inputs, token)
         for scaling, (_, x, A, B), (grad_h, grad_x, grad_A, grad_B), low, grad, rows in zip(

@@ -128,10 +128,9 @@ class MixLoraFFN(nn.Module):
         keep = None
         if out_lora is not None:
             tensors += [out_lora.lora_A, out_lora.lora_B]
-            keep = out_lora.keep_mask(x.shape[0])  # one mask per token, shared by its experts
+            keep = out_lora.dropout_mask(x.shape[0])  # one mask per token, shared by its experts
         spec = PairMixSpec(routing=routing, activate=self.activate, input_scalings=tuple(scalings),
-                           output_scaling=None if out_lora is None else out_lora.scaling,
-                           output_keep_scale=1.0 if keep is None else 1.0 / (1.0 - out_lora.dropout_p))
+                           output_scaling=None if out_lora is None else out_lora.scaling)
         pair_weight = weights.reshape(-1).index_select(0, routing.order)                 # [P] fp32
         outputs = PairMix.apply(spec, pair_weight, keep, *tensors)
         mixed = outputs if out_lora is None else outputs[0]                               # [T, I] fp32

@@ -153,11 +153,9 @@ def _pair_problem(kind: str, *, dropout: bool, seed: int = 0):
 
     inputs = [(rand(T, out_width), rand(T, D), rand(E, r, D), rand(E, out_width, r)) for _ in range(n_inputs)]
     out_A, out_B = rand(E, r, I), rand(E, D, r)
-    keep_scale = 1.0
     keep = None
     if dropout:
-        keep_scale = 1 / (1 - 0.4)
-        keep = (torch.rand(T, I, generator=g) > 0.4).to(torch.float64) * keep_scale
+        keep = (torch.rand(T, I, generator=g) > 0.4).to(torch.float64) / (1 - 0.4)
     scalings = (0.5,) * n_inputs
     routing = sort_pairs(experts, E)
     pair_weight = weight.reshape(-1)[routing.order].requires_grad_()
@@ -179,10 +177,8 @@ def _pair_problem(kind: str, *, dropout: bool, seed: int = 0):
                 delta[t] += w[t, slot] * 2.0 * B2[e] @ (A2[e] @ dropped)
         return mixed, delta
 
-    mask = None if keep is None else keep > 0
-    spec = PairMixSpec(routing=routing, activate=activate, input_scalings=scalings, output_scaling=2.0,
-                       output_keep_scale=keep_scale)
-    return spec, pair_weight, mask, tensors, formula
+    spec = PairMixSpec(routing=routing, activate=activate, input_scalings=scalings, output_scaling=2.0)
+    return spec, pair_weight, keep, tensors, formula
 
 
 @pytest.mark.parametrize("kind", ["gated", "fused", "plain"])
