@@ -15,6 +15,7 @@ Process RSS would also count the Python runtime, libraries and malloc's retained
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -109,9 +110,17 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def time_interleaved(models: dict[str, nn.Module], step: Callable, batch: dict[str, torch.Tensor], *,
-                     reps: int, warmup: int, device: str) -> dict[str, list[float]]:
-    """Seconds per call of ``step(model, batch)`` for each model; variants alternate, order rotating."""
+                     reps: int, warmup: int, device: str, clock: Callable[[], float] = time.perf_counter
+                     ) -> dict[str, list[float]]:
+    """Seconds per call of ``step(model, batch)`` for each model; variants alternate, order rotating.
+
+    ``clock``: wall time by default; ``time.process_time`` (CPU seconds of this process) is steadier on a
+    machine shared with other jobs, and equals wall time on one uncontended thread.
+    """
     names = list(models)
     for _ in range(warmup):
         for name in names:
@@ -120,10 +129,10 @@ def time_interleaved(models: dict[str, nn.Module], step: Callable, batch: dict[s
     for rep in range(reps):
         for name in names[rep % len(names):] + names[:rep % len(names)]:
             _synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             step(models[name], batch)
             _synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 
@@ -174,19 +183,22 @@ def profile_table(model: nn.Module, step: Callable, batch: dict[str, torch.Tenso
 
 def run_benchmark(shape: BenchShape = BenchShape(), *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                   threads: int | None = 2, reps: int = 10, warmup: int = 2,
-                  variants: tuple[str, ...] = VARIANTS, seed: int = 0, profile: TextIO | None = None) -> dict:
+                  variants: tuple[str, ...] = VARIANTS, seed: int = 0, clock: str = "wall",
+                  profile: TextIO | None = None) -> dict:
     """Median train-step and inference-forward seconds and peak training-step memory per variant.
 
     Returns a JSON-ready dict: the settings, and per variant the medians, the peak bytes (step extra and
     total with resident parameters) and, when ``peft-lora`` is among the variants, the ratios to it.
-    With ``profile`` (a text stream), a profiler table of one training step per variant is written to it.
+    ``clock`` is ``"wall"`` or ``"cpu"`` (see :func:`time_interleaved`). With ``profile`` (a text stream), a
+    profiler table of one training step per variant is written to it.
     """
     if threads:
         torch.set_num_threads(threads)
     models = {name: build_variant(name, shape, device=device, dtype=dtype, seed=seed) for name in variants}
     batch = make_batch(shape, device=device, seed=seed)
-    train = time_interleaved(models, train_step, batch, reps=reps, warmup=warmup, device=device)
-    infer = time_interleaved(models, inference_forward, batch, reps=reps, warmup=warmup, device=device)
+    timing = dict(reps=reps, warmup=warmup, device=device, clock=CLOCKS[clock])
+    train = time_interleaved(models, train_step, batch, **timing)
+    infer = time_interleaved(models, inference_forward, batch, **timing)
     results = {}
     for name, model in models.items():
         if profile is not None:
@@ -210,5 +222,6 @@ def run_benchmark(shape: BenchShape = BenchShape(), *, device: str = "cpu", dtyp
             }
     return {
         "shape": dataclasses.asdict(shape), "device": device, "dtype": str(dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(), "reps": reps, "torch": torch.__version__, "results": results,
+        "threads": torch.get_num_threads(), "clock": clock, "reps": reps, "torch": torch.__version__,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, "results": results,
     }

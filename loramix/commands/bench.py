@@ -29,6 +29,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2; 0 keeps torch's choice)")
     p.add_argument("--reps", type=int, default=10, help="timed repetitions per variant (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed repetitions per variant first (default 2)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time (default) or this process's CPU time, steadier on a shared machine")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="base model dtype (default fp32)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
                        dropout=args.dropout)
     result = run_benchmark(shape, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
                            threads=args.threads or None, reps=args.reps, warmup=args.warmup, variants=variants,
-                           profile=sys.stderr if args.profile else None)
+                           clock=args.clock, profile=sys.stderr if args.profile else None)
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:
