@@ -37,9 +37,16 @@ def set_seed(seed: int) -> None:
 
 
 def build_adapter_model(base: Any, adapter: dict[str, Any]) -> Any:
-    """Wrap the base model with a fresh adapter: ``type: mixlora`` (loramix) or ``type: lora`` (HF PEFT)."""
+    """Wrap the base model with a fresh adapter: ``type: mixlora`` (loramix) or ``type: lora`` (HF PEFT).
+
+    A ``type: mixlora`` section with ``method`` (lora | dora | mixlora | mixdora) builds that method from the
+    same keys, as ``loramix.baselines`` defines it (docs/variants.md)."""
     keys = {k: v for k, v in adapter.items() if k != "type"}
     if adapter.get("type", "mixlora") == "mixlora":
+        if "method" in keys:
+            from .baselines import build_model, method_spec
+
+            return build_model(base, method_spec(keys))
         from .config import MixLoraConfig
         from .model import get_mixlora_model
 
