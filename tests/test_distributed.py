@@ -17,6 +17,7 @@ from helpers_cli import adapter_tensors, tiny_llama_dir, tiny_run_config, toy_cl
 from loramix import MixLoraConfig
 from loramix.data import collate
 from loramix.distributed import DataParallel, RouterLoad, make_accelerator, predicted_tokens
+from loramix.errors import LoramixError
 from loramix.runconfig import build_run_config
 from loramix.train import train
 
@@ -143,3 +144,15 @@ def test_router_load_balance():
     assert load.summary() == {}
     load.add([balanced], torch.tensor([1, 1, 1, 1, 0, 0, 0, 0]), top1)  # masked tokens are not counted
     assert load.summary()["router_balance"] == pytest.approx(1.0)
+
+
+def test_resume_keeps_the_checkpoints_global_batch_and_refuses_fsdp_checkpoints(tmp_path):
+    (tmp_path / "checkpoint-3").mkdir()
+    state = tmp_path / "checkpoint-3" / "trainer_state.pt"
+    torch.save({"global_micro_batch": 6, "rng_processes": [None, None]}, state)
+    process = _process(0, 3)
+    assert process.global_micro_batch(str(tmp_path), False, 4) == 12
+    assert process.global_micro_batch(str(tmp_path), True, 4) == 6
+    torch.save({"global_micro_batch": 6, "sharded_optimizer": True}, state)
+    with pytest.raises(LoramixError, match="written by an FSDP run"):
+        process.global_micro_batch(str(tmp_path), True, 4)
