@@ -96,21 +96,14 @@ def test_single_token_decode_steps_and_generate_match_the_reference():
 def test_gradient_checkpointing_with_active_dropout_gives_the_same_gradients():
     # Dropout masks are drawn inside the fast path's forward; the checkpointed recomputation must draw
     # the same ones (the RNG state is restored), or the gradients would differ.
-    model = mixlora("llama", lora_dropout=0.3)
+    model = mixlora("llama", lora_dropout=0.3).train()
     ids, mask = batch()
-    model.train()
-
-    def step():
-        torch.manual_seed(123)
-        model.zero_grad()
-        out = model(input_ids=ids, attention_mask=mask, labels=ids)
-        out.loss.backward()
-        return out.loss.detach(), {n: p.grad.clone() for n, p in model.trainable_parameters()}
-
-    loss, grads = step()
+    torch.manual_seed(123)
+    out, grads = run_dispatch(model, "grouped", input_ids=ids, attention_mask=mask, labels=ids)
     model.gradient_checkpointing_enable()
-    loss_ckpt, grads_ckpt = step()
-    torch.testing.assert_close(loss_ckpt, loss)
+    torch.manual_seed(123)
+    out_ckpt, grads_ckpt = run_dispatch(model, "grouped", input_ids=ids, attention_mask=mask, labels=ids)
+    torch.testing.assert_close(out_ckpt.loss, out.loss)
     for name in grads:
         torch.testing.assert_close(grads_ckpt[name], grads[name], msg=name)
 
