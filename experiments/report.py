@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.run import BASE, CONFIGS, METHODS, SETTINGS
+from experiments.run import BASE, CONFIGS, METHODS, SETTINGS, all_units
 
 COMMONSENSE = ("arc-e", "arc-c", "boolq", "obqa")
 TASK_ORDER = (*COMMONSENSE, "sst2", "agnews", "trec")
@@ -192,6 +192,10 @@ def _commands(res: dict[str, dict]) -> list[str]:
         for kind, cmd in record.get("commands", {}).items():
             lines.append(f"# {name} ({kind})")
             lines.append(cmd)
+    missing = [u.name for u in all_units() if u.name not in res]
+    if missing:
+        lines += ["# units not yet run (each is one command; its loramix commands appear here once it has run):",
+                  *[f"python -m experiments.run run --only {name}" for name in missing]]
     return lines + ["```"]
 
 
@@ -273,6 +277,17 @@ def write_report(results: Path, doc: Path) -> Path:
                   "|---|---|---|", *[f"| {t} | {v['load_entropy']:.3f} | {v['tv']:.3f} |" for t, v in spec.items()], ""]
     if not any("router" in r for r in main.values()):
         lines += ["_No MixLoRA/MixDoRA unit has run yet._", ""]
+    lines += ["## If MixLoRA does not beat LoRA: what to check", "",
+              "Each check is a variant run scored on the validation splits (never on test), e.g.:", "", "```",
+              "python -m experiments.run run --only multitask/mixlora --tag aux0.01 --set adapter.router_aux_loss_coef=0.01",
+              "python -m experiments.run run --only multitask/mixlora --tag lr1e-3 --set train.learning_rate=1e-3",
+              "python -m experiments.run run --only 'multitask/*' --tag lr2e-4 --set train.learning_rate=2e-4",
+              "python -m experiments.run run --only multitask/mixlora --tag e4 --set adapter.num_experts=4",
+              "python -m experiments.run run --only multitask/mixlora --tag top1 --set adapter.top_k=1",
+              "python -m experiments.run run --only 'multitask/*' --tag r8 --set adapter.r=8 --set adapter.lora_alpha=16",
+              "```", "",
+              "Router collapse shows in the router section above (load H near 0, one column lit); a learning "
+              "rate or rank change applies to every method (`'multitask/*'`), so the budgets stay matched.", ""]
     variants = {k: v for k, v in res.items() if v.get("tag")}
     lines += ["## Variants (validation splits only)", "",
               "Runs with `--tag NAME --set KEY=VALUE` (learning rate, aux coefficient, rank, experts, top-k) "

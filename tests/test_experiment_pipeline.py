@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from helpers_cli import SHARED, STORIES, adapter_tensors, byte_tokenizer, shared_or_skip
 
 from experiments import report
@@ -22,8 +23,21 @@ def _run_args(root: Path) -> list[str]:
     sets = {"model.name_or_path": STORIES, "model.tokenizer": root / "tok", "train.max_steps": STEPS,
             "train.micro_batch_size": BATCH, "train.gradient_accumulation_steps": 1, "train.save_steps": 0,
             "data.cutoff_len": 256, "train.eval_batch_size": 8}
-    return ["run", "--only", "base", "--only", "multitask/*", "--router-examples", "3",
+    return ["run", "--only", "base", "--only", "multitask/*", "--router-examples", "3", "--threads", "1",
             *[x for k, v in sets.items() for x in ("--set", f"{k}={v}")]]
+
+
+def _run_in(root: Path, *commands: list[str]) -> None:
+    """``experiments.run`` commands from ``root`` (the configs' data paths are relative: experiments/data/...);
+    the runs use one torch thread (a tiny model gains nothing from more), restored afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(root)
+            for argv in commands:
+                assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +46,8 @@ def pipeline(tmp_path_factory):
     shared_or_skip(SHARED / "data" / "sentence_tasks")
     root = tmp_path_factory.mktemp("experiment")
     byte_tokenizer().save_pretrained(root / "tok")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)  # the configs' data paths are relative: experiments/data/<task>/...
-        sizes = prepare(Path("experiments/data"), val_size=VAL, test_size=TEST, train_size=24)
-        assert main(_run_args(root)) == 0
-        assert main(["report", "--doc", str(root / "docs" / "results.md")]) == 0
+    sizes = prepare(root / "experiments" / "data", val_size=VAL, test_size=TEST, train_size=24)
+    _run_in(root, _run_args(root), ["report", "--doc", str(root / "docs" / "results.md")])
     return root, sizes
 
 
@@ -109,9 +120,7 @@ def test_finished_units_are_skipped_and_an_interrupted_one_resumes(pipeline, cap
     log = (run_dir / "log.jsonl").read_text()
     os.remove(results / "mixlora.json")  # as if killed after the last checkpoint, before the adapter and the JSON
     os.rename(run_dir / "adapter", run_dir.parent / "mixlora-adapter-removed")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        assert main(_run_args(root)) == 0
+    _run_in(root, _run_args(root))
     out = capsys.readouterr().out
     assert "[multitask/lora] done already" in out and "--resume" in out
     assert (results / "lora.json").stat().st_mtime_ns == stamp
