@@ -33,6 +33,7 @@ _AGNEWS = {"World": 0, "Sports": 1, "Business": 2, "Sci/Tech": 3}
 _TREC = {"ABBR": 0, "DESC": 1, "ENTY": 2, "HUM": 3, "LOC": 4, "NUM": 5}
 _COMMONSENSE = {"arc-e": "ARC-Easy", "arc-c": "ARC-Challenge", "boolq": "boolq", "obqa": "openbookqa"}
 TASKS = (*_COMMONSENSE, *LABELS)
+VAL_SIZE, TEST_SIZE = 100, 500  # per task
 
 
 def _commonsense(folder: str) -> Callable[[Path, str], list[dict]]:
@@ -98,7 +99,7 @@ def split_records(train: list[dict], test: list[dict], *, val_size: int, test_si
 
 
 def prepare(out: str | os.PathLike, *, shared: str | os.PathLike = SHARED, tasks: tuple[str, ...] = TASKS,
-            val_size: int = 200, test_size: int = 500, train_size: int | None = None,
+            val_size: int = VAL_SIZE, test_size: int = TEST_SIZE, train_size: int | None = None,
             seed: int = 0) -> dict[str, dict[str, int]]:
     """Write ``<out>/<task>/{train,val,test}.jsonl`` for ``tasks``; return the sizes per task and split.
     ``train_size`` caps the training pools (the scaled-down CI run; the experiment keeps them whole)."""

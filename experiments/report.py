@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from experiments.data import TEST_SIZE, VAL_SIZE
 from experiments.run import BASE, CONFIGS, METHODS, SETTINGS, all_units
 
 COMMONSENSE = ("arc-e", "arc-c", "boolq", "obqa")
@@ -223,9 +224,9 @@ def _setup(res: dict[str, dict]) -> list[str]:
         "* **Data** (`python -m experiments.run prepare`, `experiments/data.py`): ARC-Easy, ARC-Challenge, BoolQ, "
         "OpenBookQA (LLM-Adapters files, alpaca template), SST-2, AG News (its 10,000-item dev file serves as "
         "the training split; ../shared has no AG News train file) and TREC coarse classes (plain template, "
-        "label words). From each training split 200 items are held out as a **validation** split (used for "
-        "every choice; variant runs are scored on it only); **test**: 500 items per task (a seeded subset "
-        "where the split is larger; OBQA and TREC have exactly 500).",
+        f"label words). From each training split {VAL_SIZE} items are held out as a **validation** split (used "
+        f"for every choice; variant runs are scored on it only); **test**: {TEST_SIZE} items per task (a seeded "
+        "subset where the split is larger; OBQA and TREC have exactly 500).",
         "* **Scoring** (`loramix eval`'s): label accuracy, the argmax of the next-token logits over the "
         "candidates' first distinguishing token (`answer1..N`, `true/false`, label words); the JSONs also hold "
         "log-likelihood accuracy and each example's hit, for the paired intervals below.",

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from experiments.data import TEST_SIZE, VAL_SIZE
+
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE / "configs"
 SETTINGS = ("multitask", "single_arc-e", "single_agnews")
@@ -310,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     pp = sub.add_parser("prepare", help="write experiments/data and link the SmolLM2 model")
-    pp.add_argument("--val-size", type=int, default=200)
-    pp.add_argument("--test-size", type=int, default=500)
+    pp.add_argument("--val-size", type=int, default=VAL_SIZE, help="validation items per task (default %(default)s)")
+    pp.add_argument("--test-size", type=int, default=TEST_SIZE, help="test items per task (default %(default)s)")
     pp.add_argument("--no-model", action="store_true", help="do not link the SmolLM2 .gguf (another base via --set)")
     for name in ("run", "list"):
         q = sub.add_parser(name, help="run the units" if name == "run" else "show each unit's status")

@@ -22,7 +22,7 @@ TEST, VAL, STEPS, BATCH = 6, 4, 2, 2
 def _run_args(root: Path) -> list[str]:
     sets = {"model.name_or_path": STORIES, "model.tokenizer": root / "tok", "train.max_steps": STEPS,
             "train.micro_batch_size": BATCH, "train.gradient_accumulation_steps": 1, "train.save_steps": 0,
-            "data.cutoff_len": 256, "train.eval_batch_size": 8}
+            "data.cutoff_len": 128, "train.eval_batch_size": 8}
     return ["run", "--only", "base", "--only", "multitask/*", "--router-examples", "3", "--threads", "1",
             *[x for k, v in sets.items() for x in ("--set", f"{k}={v}")]]
 
