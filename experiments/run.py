@@ -102,22 +102,24 @@ def _hf_config(spec) -> Any:
 
 def budget_rows(config: Path, overrides: list[str]) -> dict[str, dict[str, Any]]:
     """``loramix params``' rows by method for a setting: trainable parameters, share, and the LoRA/DoRA rank that
-    matches the MixLoRA/MixDoRA budget (unless the config fixes ``adapter.lora_r``)."""
+    matches the MixLoRA/MixDoRA budget (unless the config fixes ``adapter.lora_r``), with the alpha that keeps
+    the mixture's alpha/r."""
     from loramix.baselines import budget_table, method_spec
     from loramix.runconfig import load_run_config
 
     cfg = load_run_config(str(config), overrides)
-    adapter = {k: v for k, v in cfg.adapter.items() if k != "type"}
-    return {r["method"]: r for r in budget_table(_hf_config(cfg.model), method_spec(adapter))}
+    spec = method_spec({k: v for k, v in cfg.adapter.items() if k != "type"})
+    rows = {r["method"]: r for r in budget_table(_hf_config(cfg.model), spec)}
+    for method in ("lora", "dora"):
+        rows[method]["lora_alpha"] = spec.config.lora_alpha / spec.config.r * rows[method]["rank"]
+    return rows
 
 
-def method_overrides(method: str, rows: dict[str, dict[str, Any]], adapter: dict[str, Any]) -> list[str]:
-    """``--set`` items that select ``method``; LoRA/DoRA get their budget rank and the mixture's alpha/r."""
+def method_overrides(method: str, rows: dict[str, dict[str, Any]]) -> list[str]:
+    """``--set`` items that select ``method``; LoRA/DoRA also get their rank and alpha from ``rows``."""
     sets = [f"adapter.method={method}"]
     if method in ("lora", "dora"):
-        rank = rows[method]["rank"]
-        ratio = adapter.get("lora_alpha", 16) / adapter.get("r", 8)
-        sets += [f"adapter.lora_r={rank}", f"adapter.lora_alpha={ratio * rank:g}"]
+        sets += [f"adapter.lora_r={rows[method]['rank']}", f"adapter.lora_alpha={rows[method]['lora_alpha']:g}"]
     return sets
 
 
@@ -248,8 +250,7 @@ class Runner:
         if unit.setting != BASE:
             run_dir = unit.output_dir(self.runs)
             rows = self.budget(config)
-            setting = load_run_config(config, sets)
-            sets += [f"train.output_dir={run_dir}", *method_overrides(unit.method, rows, setting.adapter)]
+            sets += [f"train.output_dir={run_dir}", *method_overrides(unit.method, rows)]
             record["params"] = {k: rows[unit.method][k] for k in ("rank", "trainable", "total", "share")}
             adapter_dir = run_dir / "adapter"
             train_cmd = ["train", config, *[x for s in sets for x in ("--set", s)]]
