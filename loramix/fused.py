@@ -1,19 +1,17 @@
-"""The pair work of the fast MoE FFN as one autograd function that recomputes instead of storing.
+"""The pair work of the fast MoE FFN as one autograd function.
 
 A token routed to k experts makes k (token, expert) pairs. Sorted by expert, each expert's pairs form one
-contiguous segment, and :class:`PairMix` walks the segments. Per segment: gather the pairs' rows of the
-base input projections (computed once for all tokens by the caller) and add the expert's LoRA delta into
-them with two small matmuls (``x_rows A_e^T``, then ``B_e`` accumulated into the gathered rows), apply
-the FFN activation, then
+contiguous segment. :class:`PairMix` gathers the pairs' rows of the base input projections (computed
+once for all tokens by the caller) and, segment by segment, adds the expert's LoRA delta into them with
+two small matmuls (``x_rows A_e^T``, then ``B_e`` accumulated into the gathered rows: no delta tensor, no
+padding). Then, over all pairs at once: the FFN activation, the weighted activations summed back onto
+tokens (``mixed``; the caller runs the shared base output projection once on it, ``sum_e w_e W2 a_e =
+W2 sum_e w_e a_e``), and the experts' output-projection LoRAs, per segment, summed onto tokens
+(``delta``).
 
-- sum the weighted activations back onto tokens (``mixed``; the caller runs the shared base output
-  projection once on it: ``sum_e w_e W2 a_e = W2 sum_e w_e a_e``);
-- run the expert's output-projection LoRA on them and sum its weighted outputs onto tokens (``delta``).
-
-Of size ``pairs x FFN width`` nothing is kept for backward: the backward pass recomputes each segment's
-activation from the saved base projections and the saved rank-r rows. A segment's temporaries are small
-enough to stay in cache, which is what makes this fast on a CPU, where elementwise passes over the pair
-activations cost more than the LoRA arithmetic.
+For backward it keeps the pairs' pre-activation rows and rank-r rows, not the activations or anything
+per expert; the activation is recomputed once, with autograd on that op alone (so any activation module
+works), and the LoRA gradients run per segment as small matmuls with one ``index_add_`` per input.
 """
 
 from __future__ import annotations
@@ -69,13 +67,14 @@ class PairMix(torch.autograd.Function):
     """The pair work of one MoE FFN: ``mixed`` ``[T, I]`` and ``delta`` ``[T, D]``, in the weights' dtype (fp32).
 
     Arguments after ``spec``: ``weight`` ``[P]`` fp32 (pair weights, sorted like the pairs); ``keep``
-    ``[T, I]``, the output LoRA's dropout mask (0 or ``1/(1-p)``, one per token, shared by its experts) or None; per
-    input projection j its base output ``H_j`` ``[T, out]`` and, with an expert LoRA, its dropped-out fp32
+    ``[T, I]``, the output LoRA's dropout mask (0 or ``1/(1-p)``, one per token, shared by its experts) or
+    None; per input projection j its base output ``H_j`` ``[T, out]`` and, with an expert LoRA, its dropped-out fp32
     input ``X_j`` ``[T, D]``, ``A_j`` ``[E, r, D]`` and ``B_j`` ``[E, out, r]``; last, with an output
     LoRA, ``A`` ``[E, r, I]`` and ``B`` ``[E, D, r]``.
 
     For token t with pairs (t, e) of weight w: ``mixed[t] = sum w a_e`` and ``delta[t] = sum w s B_e A_e
-    dropout(a_e)`` (zero without an output LoRA), ``a_e = activate([H_j[t] + s_j B_je A_je X_j[t]])``.
+    dropout(a_e)`` (only ``mixed`` is returned without an output LoRA), with
+    ``a_e = activate([H_j[t] + s_j B_je A_je X_j[t]])``.
     Saved for backward: the pairs' pre-activation rows and rank-r rows; the activation is recomputed.
     """
 
@@ -105,7 +104,10 @@ class PairMix(torch.autograd.Function):
             delta = _sum_onto_tokens(pair_delta, token, num_tokens)
         mixed = _sum_onto_tokens(act.to(weight.dtype) * w, token, num_tokens)
         ctx.spec = spec
-        ctx.save_for_backward(weight, keep, out_low, *pre, *in_low, *tensors)
+        # The base outputs H are not needed in backward (the pre-activation rows are): not saved.
+        unsaved = {id(h) for h, _, _, _ in inputs}
+        ctx.save_for_backward(weight, keep, out_low, *pre, *in_low,
+                              *(None if id(t) in unsaved else t for t in tensors))
         return mixed if delta is None else (mixed, delta)
 
     @staticmethod
@@ -121,7 +123,12 @@ class PairMix(torch.autograd.Function):
         weight, keep, out_low, *saved = ctx.saved_tensors
         pre, in_low, tensors = saved[:count], saved[count:2 * count], saved[2 * count:]
         inputs, output = _unpack(spec, tensors)
-        grads = [torch.zeros_like(t) if need else None for t, need in zip(tensors, ctx.needs_input_grad[3:])]
+        grads, pre_rows = [], iter(pre)
+        for t, need in zip(tensors, ctx.needs_input_grad[3:]):
+            if t is None:  # an H_j, not saved: its gradient is [T, out] like pre_j's rows
+                rows = next(pre_rows)
+                t = rows.new_empty(grad_mixed.shape[0], rows.shape[1])
+            grads.append(torch.zeros_like(t) if need else None)
         grad_inputs, grad_output = _unpack(spec, grads)
         w = weight.unsqueeze(-1)
         with torch.enable_grad():
