@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import MixLoraConfig, _reject_unknown
+from .config import MixLoraConfig, reject_unknown
 from .errors import LoramixError
 from .families import decoder_layers, family_for, projection_shape
 
@@ -46,7 +46,7 @@ def method_spec(adapter: dict[str, Any], *, source: str = "adapter") -> MethodSp
     keys = dict(adapter)
     method = keys.pop("method", None)
     if method is not None and method not in METHODS:
-        _reject_unknown(method, METHODS, f"{source}.method")
+        reject_unknown(method, METHODS, f"{source}.method")
     lora_r = keys.pop("lora_r", None)
     if lora_r is not None and lora_r != "match" and (isinstance(lora_r, bool) or not isinstance(lora_r, int)
                                                      or lora_r < 1):

@@ -98,7 +98,7 @@ class MixLoraConfig:
             if not isinstance(self.expert_lora, dict):
                 raise LoramixError(f"config field 'expert_lora' must be a mapping, got {self.expert_lora!r}")
             for key, value in self.expert_lora.items():
-                _reject_unknown(key, EXPERT_LORA_KEYS, "expert_lora key")
+                reject_unknown(key, EXPERT_LORA_KEYS, "expert_lora key")
                 name = f"expert_lora.{key}"
                 if key == "r":
                     _check_int(name, value, minimum=1)
@@ -114,11 +114,11 @@ class MixLoraConfig:
             from transformers.activations import ACT2FN
 
             if self.act_fn not in ACT2FN:
-                _reject_unknown(self.act_fn, sorted(ACT2FN), "act_fn value")
+                reject_unknown(self.act_fn, sorted(ACT2FN), "act_fn value")
 
     def _validate_routing(self) -> None:
         if self.routing not in ROUTINGS:
-            _reject_unknown(self.routing, list(ROUTINGS), "routing")
+            reject_unknown(self.routing, list(ROUTINGS), "routing")
         if self.routing == "top_p":
             if self.top_k is not None:
                 raise LoramixError("config field 'top_k' is not used by routing 'top_p' (set 'top_p' instead)")
@@ -186,7 +186,7 @@ class MixLoraConfig:
             data["expert_lora"] = expert
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key in data:
-            _reject_unknown(key, list(fields), f"{source} key")
+            reject_unknown(key, list(fields), f"{source} key")
         try:
             return cls(**data)
         except LoramixError as exc:
@@ -239,7 +239,7 @@ def _check_init(name: str, value: Any) -> None:
         raise LoramixError(f"config field {name!r} must be one of {list(INIT_CHOICES)}, got {value!r}")
 
 
-def _reject_unknown(key: str, allowed: list[str] | tuple[str, ...], what: str) -> None:
+def reject_unknown(key: str, allowed: list[str] | tuple[str, ...], what: str) -> None:
     if key in allowed:
         return
     close = difflib.get_close_matches(str(key), list(allowed), n=1)

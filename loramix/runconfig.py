@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .config import _reject_unknown
+from .config import reject_unknown
 from .errors import LoramixError
 
 
@@ -150,7 +150,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
-        _reject_unknown(key, names, f"key in {where}")
+        reject_unknown(key, names, f"key in {where}")
         if key == "datasets" or key == "eval":
             if not isinstance(value, list):
                 raise LoramixError(f"{where}.{key}: must be a list of datasets")
@@ -166,7 +166,7 @@ def build_run_config(raw: Any, *, source: str = "config") -> RunConfig:
     if not isinstance(raw, dict):
         raise LoramixError(f"{source}: expected a YAML mapping with sections model, adapter, data, train")
     for key in raw:
-        _reject_unknown(key, ["model", "adapter", "data", "train"], f"section in {source}")
+        reject_unknown(key, ["model", "adapter", "data", "train"], f"section in {source}")
     model = _build(ModelSpec, raw.get("model"), "model")
     if not model.name_or_path:
         raise LoramixError(f"{source}: model.name_or_path is required (a hub id, a local folder or a .gguf file)")
