@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .lora import adapted_projection, dora_weight_norm, init_lora_A
@@ -55,10 +54,6 @@ class ExpertLoras(nn.Module):
     def dropped_input(self, x: torch.Tensor) -> torch.Tensor:
         """``dropout(x)`` in fp32, the input of every expert's A. x: ``[T, in]``."""
         return self.lora_dropout(x.float())
-
-    def delta(self, u: torch.Tensor, expert: int) -> torch.Tensor:
-        """One expert's delta, straight from the formula. u: ``[n, in]`` -> fp32 ``[n, out]``."""
-        return F.linear(F.linear(self.lora_dropout(u.float()), self.lora_A[expert]), self.lora_B[expert]) * self.scaling
 
     def weight_norms(self, base_layer: nn.Module) -> torch.Tensor:
         """``||W + s B_e A_e||_row`` per expert, fp32 ``[E, out]`` (``W`` from ``base_layer``)."""
