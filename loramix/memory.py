@@ -46,8 +46,8 @@ def saved_bytes_per_token(s: Shape, *, r: int, experts: int, top_k: int, dropout
 
     Without checkpointing: 9 fp32 ``[D]`` rows (norms in fp32, fp32 LoRA inputs, the router's fp32 input)
     and 6 more with LoRA dropout (each dropped copy), 4 bf16 ``[D]`` (q, k, v, attention output), 2 bf16
-    ``[I]`` (the shared gate and up projections), 2 bf16 ``[k*I]`` (the pairs' gate and up rows), 1 bool
-    ``[I]`` with dropout (the down-projection LoRA's keep mask), fp32 rank-r rows (3 per pair, 1 per
+    ``[k*I]`` (the pairs' pre-activation gate and up rows), 4 bytes per FFN unit with dropout (the
+    down-projection LoRA's dropout state), fp32 rank-r rows (3 per pair, 1 per
     attention LoRA), fp32 router logits and probabilities, attention log-sum-exp, RMSNorm scales and the
     routing indices and weights. With checkpointing: the layer's bf16 input and the router probabilities
     the router loss keeps outside the checkpointed layers.
@@ -56,7 +56,7 @@ def saved_bytes_per_token(s: Shape, *, r: int, experts: int, top_k: int, dropout
     if checkpointing:
         return 2 * d + 4 * e + 4
     fp32_rows = 9 + (6 if dropout else 0)
-    return (4 * d * fp32_rows + 2 * d * 4 + 2 * i * 2 + 2 * k * i * 2 + (i if dropout else 0)
+    return (4 * d * fp32_rows + 2 * d * 4 + 2 * k * i * 2 + (4 * i if dropout else 0)
             + 4 * r * (3 * k + 4) + 2 * 4 * e + 8 + 4 * s.heads + 2 * 4 + k * (8 + 8 + 4 + 4))
 
 

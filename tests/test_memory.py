@@ -54,7 +54,7 @@ def _saved_bytes(model, tokens: torch.Tensor) -> int:
 @pytest.mark.parametrize("dropout,checkpointing", [(0.1, False), (0.0, False), (0.1, True)])
 def test_saved_activations_per_layer_match_a_real_bf16_forward(dropout, checkpointing):
     """One more decoder layer adds ``saved_bytes_per_token * tokens`` to what autograd keeps: exactly for the fast
-    path of commit 9062f32; 15 % leaves room for its later changes without letting the estimate drift."""
+    path of commit b379bfb; 15 % leaves room for its later changes without letting the estimate drift."""
     kw = dict(r=8, experts=4, top_k=2)
     tokens = torch.randint(3, SMALL.vocab, (2, 24))
     measured = []
