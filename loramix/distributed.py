@@ -38,7 +38,6 @@ from .routing import auxiliary_loss, expert_choices
 def make_accelerator(precision: str) -> Any:
     """This process's Accelerator. Several processes on a machine without a GPU train on CPU with gloo."""
     from accelerate import Accelerator
-
     from accelerate.state import AcceleratorState
 
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -181,10 +181,6 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
 
     t = cfg.train
     out = t.output_dir
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state(True)  # a second run in one process may change mixed precision
     accelerator = make_accelerator(t.precision)
     dp = DataParallel(accelerator)
     echo = echo if dp.is_main else (lambda _: None)
