@@ -246,3 +246,10 @@ class DataParallel:
             ckpt.set_rng_state(self._rng_states[self.rank])
         elif self.rank > 0:
             torch.manual_seed(hash((seed, step, self.rank)) % 2**63)
+
+
+def end_processes() -> None:
+    """Close the process group a multi-process run opened, so no communication thread outlives the run
+    (gloo threads still running at interpreter exit abort the process: "terminate called ...")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

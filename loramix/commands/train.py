@@ -17,10 +17,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..distributed import end_processes
     from ..runconfig import load_run_config
     from ..train import train
 
     cfg = load_run_config(args.config, args.set)
     quiet_transformers()
-    train(cfg, resume=args.resume)
+    try:
+        train(cfg, resume=args.resume)
+    finally:
+        end_processes()
     return 0
