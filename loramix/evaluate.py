@@ -60,10 +60,13 @@ def _run_rows(model: Any, rows: list[_Row], pad_id: int, batch_size: int, device
     for start in range(0, len(order), batch_size):
         chunk = [rows[i] for i in order[start:start + batch_size]]
         batch = collate([{"input_ids": r.ids} for r in chunk], pad_id)
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits  # [B, S, V]
+        # Project only the positions some row reads: the [B, S, V] logits would cost more than a layer.
+        keep = sorted({p for r in chunk for p, _ in r.reads})
+        column = {p: j for j, p in enumerate(keep)}
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       logits_to_keep=torch.tensor(keep, device=device)).logits  # [B, len(keep), V]
         for b, row in enumerate(chunk):
-            pos = torch.tensor([p for p, _ in row.reads], device=logits.device)
+            pos = torch.tensor([column[p] for p, _ in row.reads], device=logits.device)
             tok = torch.tensor([t for _, t in row.reads], device=logits.device)
             logp = torch.log_softmax(logits[b, pos].float(), dim=-1)  # [n_reads, V]
             row.result = logp[torch.arange(len(pos), device=logp.device), tok].tolist()
