@@ -22,6 +22,8 @@ TASK_ORDER = (*COMMONSENSE, "sst2", "agnews", "trec")
 # MixLoRA paper (Li et al., arXiv 2404.15159), LLaMA-2-7B, one adapter on ARC-e, ARC-c, BoolQ and OBQA
 # (multi-task), average accuracy in %, as quoted in issue 7.
 PAPER_MULTITASK = {"lora": 65.5, "dora": 66.3, "mixlora": 75.3}
+# The conclusions, written by whoever ran the units after reading the tables; the report places it first.
+FINDINGS = Path(__file__).resolve().parent / "findings.md"
 PAIRS = (("mixlora", "lora"), ("mixlora", "dora"), ("mixdora", "dora"), ("mixdora", "mixlora"), ("dora", "lora"))
 
 
@@ -76,6 +78,53 @@ def specialisation(router: dict) -> dict[str, dict[str, float]]:
         tv = [0.5 * float(np.abs(np.subtract(x["share"], p["share"])).sum()) for x, p in zip(r["layers"], pooled)]
         out[task] = {"load_entropy": float(np.mean([x["load_entropy"] for x in r["layers"]])), "tv": float(np.mean(tv))}
     return out
+
+
+def test_answers(setting: str) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
+    """Per task of ``setting``: the test labels (choice indices, file order, as the runner scored them) and the
+    choices; empty when the data files are absent (``python -m experiments.run prepare`` writes them)."""
+    from experiments.run import _eval_specs
+    from loramix.data import load_examples
+    from loramix.runconfig import load_run_config
+
+    specs = _eval_specs(load_run_config(str(CONFIGS / f"{setting}.yaml"), []), "test")
+    if not all(Path(s.path).exists() for s in specs):
+        return {}
+    out = {}
+    for spec in specs:
+        examples = [e for e in load_examples(spec) if e.scored]
+        out[spec.task] = (np.array([e.label for e in examples]), examples[0].choices)
+    return out
+
+
+def constant_answer(record: dict, task: str, labels: np.ndarray) -> tuple[float, int]:
+    """How close the unit's test predictions are to always giving one answer: the largest share of examples on
+    which its hits equal those of "always choice k" (1.0: the hits are exactly a constant answer's), and k."""
+    hits = _hits(record, task).astype(bool)
+    agree = [float(np.mean(hits == (labels == k))) for k in range(int(labels.max()) + 1)]
+    k = int(np.argmax(agree))
+    return agree[k], k
+
+
+def constant_table(res: dict[str, dict]) -> list[str]:
+    lines = []
+    for setting in SETTINGS:
+        answers = test_answers(setting)
+        units = [(m, res.get(f"{BASE}/none") if m == "base" else res.get(f"{setting}/{m}")) for m in ("base", *METHODS)]
+        units = [(m, r) for m, r in units if r is not None]
+        if not answers or not units:
+            continue
+        tasks = list(answers)
+        lines += [f"| {setting} | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for method, record in units:
+            cells = []
+            for task in tasks:
+                labels, choices = answers[task]
+                share, k = constant_answer(record, task, labels)
+                cells.append(f"{100 * share:.0f} ({choices[k].split()[-1]})")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def _pct(x: float | None) -> str:
@@ -248,12 +297,21 @@ def write_report(results: Path, doc: Path) -> Path:
              f"**Status: {len(main)} of {expected} units have run.** "
              + ("The comparison is complete." if len(main) == expected else
                 "The comparison is **not complete**: rows marked *not yet run* have no result yet, and no "
-                "conclusion below is final until they have."), "", "## Setup", "", *_setup(res), "",
-             "## Reproduce", "", *_commands(main), ""]
+                "conclusion below is final until they have."), ""]
+    if FINDINGS.exists():
+        lines += ["## Findings", "", FINDINGS.read_text(encoding="utf-8").strip(), ""]
+    lines += ["## Setup", "", *_setup(res), "", "## Reproduce", "", *_commands(main), ""]
     for setting in SETTINGS:
         lines += [f"## {setting}: test accuracy (%)", "", *results_table(setting, main), "",
                   f"Paired differences on the same test items ({setting}, label accuracy, mean over tasks):", "",
                   *pairs_table(setting, main), ""]
+    collapse = constant_table(main)
+    if collapse:
+        lines += ["## Does the model answer, or repeat one answer?", "",
+                  "For each unit and test task: the share of test items on which its hits equal those of always "
+                  "giving one answer (shown in brackets), maximised over the answers. 100 means the predictions "
+                  "are a constant; a task whose every method sits near 100 measures each method's answer prior, "
+                  "not what it learned.", "", *collapse]
     lines += ["## Against the paper", "",
               "The paper reports (LLaMA-2-7B, multi-task) MixLoRA 75.3, DoRA 66.3, LoRA 65.5 on average: "
               "MixLoRA +9.8 points over LoRA and +9.0 over DoRA. Our model is 50x smaller, trains for minutes "
@@ -296,10 +354,11 @@ def write_report(results: Path, doc: Path) -> Path:
               "Runs with `--tag NAME --set KEY=VALUE` (learning rate, aux coefficient, rank, experts, top-k) "
               "are scored on the validation splits only, so no choice is made on test data.", ""]
     if variants:
-        lines += ["| run | overrides | val avg |", "|---|---|---|"]
+        lines += ["| run | overrides | val avg | same method, default settings: val avg |", "|---|---|---|---|"]
         for name, r in variants.items():
-            tasks = _tasks(r, "val")
-            lines.append(f"| {name} | `{' '.join(r['overrides'])}` | {_pct(mean_acc(r, tasks, 'val'))} |")
+            tasks, default = _tasks(r, "val"), main.get(f"{r['setting']}/{r['method']}")
+            lines.append(f"| {name} | `{' '.join(r['overrides'])}` | {_pct(mean_acc(r, tasks, 'val'))} | "
+                         f"{_pct(mean_acc(default, tasks, 'val')) if default else 'not yet run'} |")
     else:
         lines.append("_None yet._")
     lines += ["", "## Machines", "", "| unit | cpus | torch threads | load avg at start / end | started |",

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers_cli import SHARED, STORIES, adapter_tensors, byte_tokenizer, shared_or_skip
@@ -154,6 +155,24 @@ def test_paired_bootstrap_and_specialisation():
                         "b": {"layers": [{"share": [0.0, 1.0], "load_entropy": 0.0}]},
                         "all": {"layers": [{"share": [0.5, 0.5], "load_entropy": 0.693}]}}}
     assert report.specialisation(router) == {"a": {"load_entropy": 0.0, "tv": 0.5}, "b": {"load_entropy": 0.0, "tv": 0.5}}
+
+
+def test_constant_answer_detects_a_model_that_always_gives_one_choice():
+    labels = np.array([0, 2, 2, 1, 2, 0, 3, 2])
+    always_2 = {"eval": {"test": {"t": {"label_correct": "".join("1" if x == 2 else "0" for x in labels)}}}}
+    assert report.constant_answer(always_2, "t", labels) == (1.0, 2)
+    perfect = {"eval": {"test": {"t": {"label_correct": "1" * len(labels)}}}}
+    share, _ = report.constant_answer(perfect, "t", labels)
+    assert share == 0.5  # all right: agrees with "always 2" exactly where the label is 2
+
+
+def test_report_shows_answer_collapse_and_places_the_findings_first(pipeline):
+    root, _ = pipeline
+    doc = (root / "docs" / "results.md").read_text()
+    assert "## Does the model answer, or repeat one answer?" in doc
+    assert "| multitask | " + " | ".join(TASKS) + " |" in doc
+    if report.FINDINGS.exists():  # the conclusions written after the runs come before the setup
+        assert doc.index("## Findings") < doc.index("## Setup")
 
 
 def test_read_log_sums_sessions_and_keeps_the_last_record_per_step(tmp_path):
