@@ -80,7 +80,7 @@ def specialisation(router: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def test_answers(setting: str) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
+def answer_key(setting: str) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
     """Per task of ``setting``: the test labels (choice indices, file order, as the runner scored them) and the
     choices; empty when the data files are absent (``python -m experiments.run prepare`` writes them)."""
     from experiments.run import _eval_specs
@@ -109,7 +109,7 @@ def constant_answer(record: dict, task: str, labels: np.ndarray) -> tuple[float,
 def constant_table(res: dict[str, dict]) -> list[str]:
     lines = []
     for setting in SETTINGS:
-        answers = test_answers(setting)
+        answers = answer_key(setting)
         units = [(m, res.get(f"{BASE}/none") if m == "base" else res.get(f"{setting}/{m}")) for m in ("base", *METHODS)]
         units = [(m, r) for m, r in units if r is not None]
         if not answers or not units:
