@@ -80,6 +80,11 @@ def specialisation(router: dict) -> dict[str, dict[str, float]]:
     return out
 
 
+def setting_record(res: dict[str, dict], setting: str, method: str) -> dict | None:
+    """The record of ``method`` on ``setting``; ``base`` is the one base-model unit every setting shares."""
+    return res.get(f"{BASE}/none") if method == "base" else res.get(f"{setting}/{method}")
+
+
 def answer_key(setting: str) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
     """Per task of ``setting``: the test labels (choice indices, file order, as the runner scored them) and the
     choices; empty when the data files are absent (``python -m experiments.run prepare`` writes them)."""
@@ -110,7 +115,7 @@ def constant_table(res: dict[str, dict]) -> list[str]:
     lines = []
     for setting in SETTINGS:
         answers = answer_key(setting)
-        units = [(m, res.get(f"{BASE}/none") if m == "base" else res.get(f"{setting}/{m}")) for m in ("base", *METHODS)]
+        units = [(m, setting_record(res, setting, m)) for m in ("base", *METHODS)]
         units = [(m, r) for m, r in units if r is not None]
         if not answers or not units:
             continue
@@ -155,7 +160,7 @@ def results_table(setting: str, res: dict[str, dict]) -> list[str]:
     head += ["val avg", "final loss", "train min", "tokens/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in ("base", *METHODS):
-        record = res.get(f"{BASE}/none") if method == "base" else res.get(f"{setting}/{method}")
+        record = setting_record(res, setting, method)
         if record is None:
             lines.append(f"| {method} | " + " | ".join(["not yet run"] + [""] * (len(head) - 2)) + " |")
             continue
