@@ -97,7 +97,24 @@ def attach_adapter(base: Any, path: str | None) -> Any:
         raise LoramixError(f"adapter {path} does not fit this model: {str(e).splitlines()[0]}") from None
 
 
-def load_model(spec: ModelSpec, adapter: str | None = None) -> tuple[Any, Any]:
-    """(model with adapter or bare, tokenizer)."""
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: the first CUDA device when there is one, else the CPU; else ``name`` (cpu, cuda, cuda:N)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LoramixError(f"device {name!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise LoramixError(f"device {name!r}: no such CUDA device on this machine "
+                           f"({torch.cuda.device_count()} visible)")
+    if device.type not in ("cpu", "cuda"):
+        raise LoramixError(f"device {name!r}: only cpu and cuda are supported")
+    return device
+
+
+def load_model(spec: ModelSpec, adapter: str | None = None, device: str = "auto") -> tuple[Any, Any]:
+    """(model with adapter or bare, on ``device`` (see :func:`resolve_device`), tokenizer)."""
+    where = resolve_device(device)  # a bad name fails before the model loads
     tokenizer = load_tokenizer(spec)
-    return attach_adapter(load_base_model(spec), adapter), tokenizer
+    return attach_adapter(load_base_model(spec), adapter).to(where), tokenizer

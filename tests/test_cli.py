@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from helpers_cli import COMMONSENSE, STORIES, byte_tokenizer, shared_or_skip, tiny_llama_dir, tiny_run_config, \
     toy_classification, write_jsonl
@@ -119,6 +120,11 @@ def test_bad_input_is_one_line_and_exit_2(run, capsys, tmp_path):
     assert "no such file" in _error(capsys, ["eval", "--model", str(model), "--data", str(tmp_path / "none.jsonl")])
     assert "no prompt" in _error(capsys, ["generate", "--model", str(model)])
     assert "no such model folder" in _error(capsys, ["generate", "--model", "./no/such/model", "--prompt", "x"])
+    assert "'gpu0' is not a device name" in _error(capsys, ["generate", "--model", str(model), "--prompt", "x",
+                                                             "--device", "gpu0"])
+    many = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: never there
+    assert f"device '{many}': no such CUDA device" in _error(capsys, ["generate", "--model", str(model), "--prompt", "x",
+                                                                      "--device", many])
 
 
 def test_incompatible_adapter_one_line(run, capsys, tmp_path):

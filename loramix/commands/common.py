@@ -20,6 +20,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", help="tokenizer folder, when the model folder has none")
     g.add_argument("--dtype", help="float32 (default) or bfloat16")
     g.add_argument("--adapter", help="a MixLoRA or PEFT LoRA adapter folder; 'none' for the bare model")
+    g.add_argument("--device", default="auto", help="auto (default: the GPU when there is one), cpu, cuda, cuda:N")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -127,7 +128,7 @@ def loaded_model(args: argparse.Namespace, cfg: RunConfig | None) -> tuple[Any, 
 
     quiet_transformers()
     adapter = adapter_path(args, cfg)
-    model, tokenizer = load_model(model_spec(args, cfg), adapter)
+    model, tokenizer = load_model(model_spec(args, cfg), adapter, args.device)
     return model, tokenizer, adapter
 
 
