@@ -36,6 +36,7 @@ from experiments.data import TEST_SIZE, VAL_SIZE
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE / "configs"
 SETTINGS = ("multitask", "single_arc-e", "single_agnews")
+GPU_SETTINGS = ("multitask_10x",)  # run only when asked for (--only): hours per unit on a CPU, minutes on a GPU
 METHODS = ("lora", "dora", "mixlora", "mixdora")
 BASE = "base"
 MODEL_LINK = Path("experiments/models/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -67,14 +68,15 @@ class Unit:
 
 def all_units(tag: str | None = None) -> list[Unit]:
     base = [] if tag else [Unit(BASE, "none")]
-    return base + [Unit(s, m, tag) for s in SETTINGS for m in METHODS]
+    return base + [Unit(s, m, tag) for s in SETTINGS + GPU_SETTINGS for m in METHODS]
 
 
 def select(only: list[str], tag: str | None = None) -> list[Unit]:
-    """The units named ``setting/method`` (either part may be ``*``), all of them when ``only`` is empty."""
+    """The units named ``setting/method`` (either part may be ``*``); when ``only`` is empty, those of every
+    setting but the GPU ones."""
     units = all_units(tag)
     if not only:
-        return units
+        return [u for u in units if u.setting not in GPU_SETTINGS]
     chosen = []
     for pattern in only:
         setting, _, method = pattern.partition("/")
@@ -235,7 +237,7 @@ class Runner:
 
         from loramix.cli import main as loramix_main
         from loramix.commands.common import quiet_transformers
-        from loramix.loading import attach_adapter, load_base_model, load_tokenizer
+        from loramix.loading import attach_adapter, load_base_model, load_tokenizer, resolve_device
         from loramix.runconfig import load_run_config
 
         if self.threads:
@@ -275,7 +277,7 @@ class Runner:
             log = read_log(Path(cfg.train.output_dir) / "log.jsonl")
             tokens = training_tokens(cfg, tokenizer)
             record["train"] = {**log, **tokens, "tokens_per_s": round(tokens["tokens"] / max(log["wall_s"], 1e-9), 1)}
-        model = attach_adapter(base, None if adapter_dir is None else str(adapter_dir))
+        model = attach_adapter(base, None if adapter_dir is None else str(adapter_dir)).to(resolve_device())
         t0 = time.time()
         record["eval"] = {"val": evaluate(model, tokenizer, cfg, "val")}
         if not unit.tag:
@@ -285,6 +287,7 @@ class Runner:
             record["router"] = router_load(model, tokenizer, cfg, self.router_examples)
         record["machine"] = {"platform": platform.platform(), "python": sys.version.split()[0],
                              "torch": torch.__version__, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                              "loadavg_start": load_before, "loadavg_end": _loadavg()}
         record["started"], record["finished"] = started, time.strftime("%Y-%m-%dT%H:%M:%S%z")
         _write_json(out, record)
@@ -345,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     units = select(args.only, args.tag)
     if args.command == "list":
-        for u in units:
+        for u in units if args.only else all_units(args.tag):
             print(f"{u.name:<28} {'done' if u.result_path(args.results).exists() else 'not yet run'}")
         return 0
     runner = Runner(results=args.results, runs=args.runs, overrides=args.set, threads=args.threads,
