@@ -184,17 +184,20 @@ def profile_table(model: nn.Module, step: Callable, batch: dict[str, torch.Tenso
 def run_benchmark(shape: BenchShape = BenchShape(), *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                   threads: int | None = 2, reps: int = 10, warmup: int = 2,
                   variants: tuple[str, ...] = VARIANTS, seed: int = 0, clock: str = "wall",
-                  profile: TextIO | None = None) -> dict:
+                  profile: TextIO | None = None, compile: bool = False) -> dict:
     """Median train-step and inference-forward seconds and peak training-step memory per variant.
 
     Returns a JSON-ready dict: the settings, and per variant the medians, the peak bytes (step extra and
     total with resident parameters) and, when ``peft-lora`` is among the variants, the ratios to it.
     ``clock`` is ``"wall"`` or ``"cpu"`` (see :func:`time_interleaved`). With ``profile`` (a text stream), a
-    profiler table of one training step per variant is written to it.
+    profiler table of one training step per variant is written to it. With ``compile``, every variant runs
+    through ``torch.compile`` (default options; the warm-up repetitions absorb the compilation).
     """
     if threads:
         torch.set_num_threads(threads)
     models = {name: build_variant(name, shape, device=device, dtype=dtype, seed=seed) for name in variants}
+    if compile:
+        models = {name: torch.compile(model) for name, model in models.items()}
     batch = make_batch(shape, device=device, seed=seed)
     timing = dict(reps=reps, warmup=warmup, device=device, clock=CLOCKS[clock])
     train = time_interleaved(models, train_step, batch, **timing)
@@ -222,6 +225,7 @@ def run_benchmark(shape: BenchShape = BenchShape(), *, device: str = "cpu", dtyp
             }
     return {
         "shape": dataclasses.asdict(shape), "device": device, "dtype": str(dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(), "clock": clock, "reps": reps, "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "clock": clock, "reps": reps, "compile": compile,
+        "torch": torch.__version__,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, "results": results,
     }

@@ -1,7 +1,11 @@
-"""The fast MoE path (loramix/fused.py) against the per-expert reference and a per-pair formula; the benchmark."""
+"""The fast MoE path (loramix/fused.py) against the per-expert reference and a per-pair formula; the benchmark.
+
+The model-level parity tests run on ``LORAMIX_TEST_DEVICE`` (default ``cpu``; CI's): on a GPU machine,
+``LORAMIX_TEST_DEVICE=cuda pytest tests/test_fast_path.py`` checks the same parity there."""
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -13,7 +17,10 @@ from loramix.bench import peak_step_bytes
 from loramix.cli import main
 from loramix.fused import PairMix, PairMixSpec, sort_pairs
 
-from conftest import batch, randomize_adapter, run_dispatch, tiny_model
+from conftest import randomize_adapter, run_dispatch, tiny_model
+from conftest import batch as cpu_batch
+
+DEVICE = torch.device(os.environ.get("LORAMIX_TEST_DEVICE", "cpu"))
 
 
 def mixlora(model_type="llama", *, seed=0, dtype=torch.float32, **cfg):
@@ -21,7 +28,12 @@ def mixlora(model_type="llama", *, seed=0, dtype=torch.float32, **cfg):
     model = loramix.get_mixlora_model(tiny_model(model_type, seed=seed, dtype=dtype),
                                       MixLoraConfig(**{**defaults, **cfg}))
     randomize_adapter(model, seed=seed)
-    return model
+    return model.to(DEVICE)
+
+
+def batch(**kwargs):
+    """conftest's padded batch, on DEVICE."""
+    return tuple(t.to(DEVICE) for t in cpu_batch(**kwargs))
 
 
 def assert_parity(model, *, rtol, atol, grad_rtol, grad_atol, rows=3, pad_rows=2):
@@ -75,7 +87,7 @@ def test_bf16_parity(model_type):
 def test_bf16_autocast_parity():
     # Under autocast the base projections (and the router) compute in bf16; the fast path picks its dtypes itself.
     model = mixlora("llama", num_experts=4, top_k=2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         assert_parity(model, rtol=3e-2, atol=3e-2, grad_rtol=1e-1, grad_atol=5e-3)
 
 

@@ -34,6 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="base model dtype (default fp32)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    p.add_argument("--compile", action="store_true", help="run every variant through torch.compile")
     p.add_argument("--output", help="also write the JSON to this file")
     p.add_argument("--profile", action="store_true",
                    help="print a torch.profiler table of one training step per variant to stderr")
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
                        dropout=args.dropout)
     result = run_benchmark(shape, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
                            threads=args.threads or None, reps=args.reps, warmup=args.warmup, variants=variants,
-                           clock=args.clock, profile=sys.stderr if args.profile else None)
+                           clock=args.clock, profile=sys.stderr if args.profile else None, compile=args.compile)
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:
