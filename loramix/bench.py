@@ -1,4 +1,4 @@
-"""Benchmark MixLoRA (fast and reference dispatch) against HF PEFT LoRA on one model, one batch, one process.
+"""Benchmark MixLoRA (grouped, dense and reference dispatch) against HF PEFT LoRA on one model, one batch, one process.
 
 Every variant wraps its own copy of the same randomly initialised LLaMA (same seed, same weights) and
 sees the same batch. Timings alternate between variants within each repetition (the order rotates), so
@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-VARIANTS = ("peft-lora", "mixlora", "mixlora-reference")
+VARIANTS = ("peft-lora", "mixlora", "mixlora-dense", "mixlora-reference")
+DISPATCH = {"mixlora": "grouped", "mixlora-dense": "dense", "mixlora-reference": "reference"}
 BASELINE = "peft-lora"
 
 
@@ -64,7 +65,8 @@ def build_base(shape: BenchShape, *, device: str, dtype: torch.dtype, seed: int 
 
 
 def build_variant(name: str, shape: BenchShape, *, device: str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
-    """One benchmarked model: ``peft-lora``, ``mixlora`` (grouped fast path) or ``mixlora-reference``."""
+    """One benchmarked model: ``peft-lora``, ``mixlora`` (grouped fast path), ``mixlora-dense`` (the sync-free
+    path for GPUs) or ``mixlora-reference``."""
     base = build_base(shape, device=device, dtype=dtype, seed=seed)
     torch.manual_seed(seed + 1)
     if name == "peft-lora":
@@ -79,7 +81,7 @@ def build_variant(name: str, shape: BenchShape, *, device: str, dtype: torch.dty
     model = get_mixlora_model(base, MixLoraConfig(
         r=shape.rank, lora_alpha=shape.alpha, lora_dropout=shape.dropout, target_modules=list(LLAMA_PROJECTIONS),
         num_experts=shape.experts, top_k=shape.top_k))
-    model.set_dispatch("reference" if name == "mixlora-reference" else "grouped")
+    model.set_dispatch(DISPATCH[name])
     return model
 
 

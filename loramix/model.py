@@ -16,7 +16,7 @@ from .config import MixLoraConfig
 from .errors import LoramixError
 from .families import Family, activation_name, decoder_layers, family_for
 from .lora import LoraLinear
-from .moe import MixLoraFFN
+from .moe import DISPATCHES, MixLoraFFN
 from .routing import auxiliary_loss, build_router
 
 
@@ -98,9 +98,11 @@ class MixLoraModel(nn.Module):
         return [m.router_logits for m in self.moe_layers()]
 
     def set_dispatch(self, dispatch: str) -> None:
-        """``"grouped"`` (fast path, default) or ``"reference"`` (per-expert loop) for every MoE layer."""
-        if dispatch not in ("grouped", "reference"):
-            raise LoramixError(f"dispatch must be 'grouped' or 'reference', got {dispatch!r}")
+        """For every MoE layer: ``"grouped"`` (the default: sorted expert segments, fused.py), ``"dense"``
+        (sync-free masked matmuls, dense.py: faster on a GPU, about twice the activation memory) or
+        ``"reference"`` (per-expert loop). All compute the same function (tests/test_fast_path.py)."""
+        if dispatch not in DISPATCHES:
+            raise LoramixError(f"dispatch must be one of {', '.join(map(repr, DISPATCHES))}, got {dispatch!r}")
         for layer in self.moe_layers():
             layer.dispatch = dispatch
 

@@ -7,11 +7,14 @@ import functools
 import torch
 from torch import nn
 
+from .dense import dense_expert_mix
 from .experts import ExpertLoras
 from .fused import PairMix, PairMixSpec, sort_pairs
 from .families import FUSED_GATED, GATED, Family, projection_shape, projection_weight
 from .reference import reference_expert_mix
 from .routing import NO_EXPERT, TopKRouter
+
+DISPATCHES = ("grouped", "dense", "reference")
 
 
 class MixLoraFFN(nn.Module):
@@ -19,8 +22,9 @@ class MixLoraFFN(nn.Module):
 
     ``base`` is the model's own MLP module (frozen, its projections called unchanged). ``experts`` maps
     each targeted FFN projection name to its :class:`ExpertLoras`. ``dispatch`` selects the grouped
-    fast path (``"grouped"``) or the straightforward per-expert loop (``"reference"``), which is kept
-    for tests and benchmarks. The last forward's router logits are kept in ``router_logits``.
+    fast path (``"grouped"``, the default, fused.py: fewest FLOPs, least memory, fastest on CPU), the
+    sync-free dense path (``"dense"``, dense.py: fewest kernel launches, fastest on a GPU, about twice the
+    activation memory) or the straightforward per-expert loop (``"reference"``), kept for tests and benchmarks. The last forward's router logits are kept in ``router_logits``.
     ``router`` (routing.py) picks the experts; DoRA experts (``use_dora``) always take the per-expert path.
     """
 
@@ -90,7 +94,8 @@ class MixLoraFFN(nn.Module):
         return y.view_as(hidden_states)
 
     def mix(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Dispatch: the per-expert path for ``dispatch="reference"`` and DoRA experts, else the fast path.
+        """Dispatch: the per-expert path for ``dispatch="reference"`` and DoRA experts, else the grouped or
+        dense path.
 
         Switch tokens routed to ``NO_EXPERT`` (over capacity) take ``weight * frozen_ffn(x)`` instead.
         x: ``[T, D]``; weights, experts: ``[T, k]`` -> ``[T, D]``.
@@ -98,6 +103,8 @@ class MixLoraFFN(nn.Module):
         mix = self.grouped_expert_mix
         if self.dispatch == "reference" or self.uses_dora:
             mix = functools.partial(reference_expert_mix, self)
+        elif self.dispatch == "dense":
+            mix = functools.partial(dense_expert_mix, self)
         if experts.shape[1] != 1:
             return mix(x, weights, experts)
         dropped = experts[:, 0] == NO_EXPERT
@@ -107,6 +114,17 @@ class MixLoraFFN(nn.Module):
         frozen = (weights[over] * self.frozen_ffn(x[over]).float()).to(x.dtype)
         return torch.zeros_like(x).index_copy(0, kept, mix(x[kept], weights[kept], experts[kept])).index_copy(
             0, over, frozen)
+
+    def mixed_output(self, mixed: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The shared base output projection on ``mixed = sum_e w_e a_e`` ``[T, I]`` -> ``[T, D]`` in ``dtype``.
+
+        Its bias enters once, so routing weights ``[T, k]`` that do not sum to 1 get ``(sum w - 1) b`` added.
+        """
+        y = self.projection(self.output_name)(mixed.to(dtype))
+        bias = projection_weight(self.projection(self.output_name))[1]
+        if bias is not None and not self.router.renormalises:
+            y = y + ((weights.sum(dim=-1, keepdim=True) - 1) * bias.float()).to(y.dtype)
+        return y
 
     def grouped_expert_mix(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """The fast path (DESIGN.md section 2).
@@ -134,10 +152,7 @@ class MixLoraFFN(nn.Module):
         pair_weight = weights.reshape(-1).index_select(0, routing.order)                 # [P] fp32
         outputs = PairMix.apply(spec, pair_weight, keep, *tensors)
         mixed = outputs if out_lora is None else outputs[0]                               # [T, I] fp32
-        y = self.projection(self.output_name)(mixed.to(x.dtype))                         # [T, D]
-        bias = projection_weight(self.projection(self.output_name))[1]
-        if bias is not None and not self.router.renormalises:  # the bias came once; sum_e w_e b needs sum(w) != 1
-            y = y + ((weights.sum(dim=-1, keepdim=True) - 1) * bias.float()).to(y.dtype)
+        y = self.mixed_output(mixed, weights, x.dtype)                                   # [T, D]
         if out_lora is not None:
             y = y + outputs[1].to(y.dtype)
         return y

@@ -202,6 +202,8 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
     model = build_adapter_model(base_model if base_model is not None else load_base_model(cfg.model), cfg.adapter)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "set_dispatch"):  # MixLoRA / MixDoRA (the LoRA / DoRA baselines have no MoE layers)
+        model.set_dispatch(t.moe_dispatch)
     model.config.use_cache = False
     dp.seed_processes(t.seed)
     optimizer = make_optimizer(model, t)

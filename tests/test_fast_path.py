@@ -15,6 +15,7 @@ import loramix
 from loramix import MixLoraConfig
 from loramix.bench import peak_step_bytes
 from loramix.cli import main
+from loramix.errors import LoramixError
 from loramix.fused import PairMix, PairMixSpec, sort_pairs
 
 from conftest import randomize_adapter, run_dispatch, tiny_model
@@ -36,11 +37,14 @@ def batch(**kwargs):
     return tuple(t.to(DEVICE) for t in cpu_batch(**kwargs))
 
 
-def assert_parity(model, *, rtol, atol, grad_rtol, grad_atol, rows=3, pad_rows=2):
-    """Fast and reference dispatch agree in logits, aux loss and every adapter gradient (padded batch)."""
+FAST = pytest.mark.parametrize("fast", ["grouped", "dense"])
+
+
+def assert_parity(model, fast, *, rtol, atol, grad_rtol, grad_atol, rows=3, pad_rows=2):
+    """The ``fast`` and reference dispatch agree in logits, aux loss and every adapter gradient (padded batch)."""
     ids, mask = batch(rows=rows, pad_rows=pad_rows)
     labels = ids.masked_fill(mask == 0, -100)
-    fast, fast_grads = run_dispatch(model, "grouped", input_ids=ids, attention_mask=mask, labels=labels)
+    fast, fast_grads = run_dispatch(model, fast, input_ids=ids, attention_mask=mask, labels=labels)
     ref, ref_grads = run_dispatch(model, "reference", input_ids=ids, attention_mask=mask, labels=labels)
     torch.testing.assert_close(fast.logits, ref.logits, rtol=rtol, atol=atol)
     torch.testing.assert_close(fast.aux_loss, ref.aux_loss, rtol=rtol, atol=atol)
@@ -63,58 +67,73 @@ def assert_parity(model, *, rtol, atol, grad_rtol, grad_atol, rows=3, pad_rows=2
     ("phi3", None),
     ("gpt2", None),                                   # Conv1D projections
 ])
-def test_fp32_parity_for_every_ffn_kind_and_target_subset(model_type, targets):
+@FAST
+def test_fp32_parity_for_every_ffn_kind_and_target_subset(model_type, targets, fast):
     model = mixlora(model_type, target_modules=targets, num_experts=6, top_k=2)
-    assert_parity(model, rtol=1e-5, atol=1e-5, grad_rtol=1e-4, grad_atol=1e-6)
+    assert_parity(model, fast, rtol=1e-5, atol=1e-5, grad_rtol=1e-4, grad_atol=1e-6)
 
 
 @pytest.mark.parametrize("experts, top_k", [(1, 1), (8, 2), (8, 1), (3, 3), (16, 4)])
-def test_fp32_parity_for_expert_counts_and_top_k(experts, top_k):
+@FAST
+def test_fp32_parity_for_expert_counts_and_top_k(experts, top_k, fast):
     # 16 experts on 27 tokens leaves some experts empty; k == E routes every token to every expert.
     model = mixlora("llama", num_experts=experts, top_k=top_k, seed=experts)
-    assert_parity(model, rtol=1e-5, atol=1e-5, grad_rtol=1e-4, grad_atol=1e-6)
+    assert_parity(model, fast, rtol=1e-5, atol=1e-5, grad_rtol=1e-4, grad_atol=1e-6)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "phi3", "gpt2"])
-def test_bf16_parity(model_type):
+@FAST
+def test_bf16_parity(model_type, fast):
     model = mixlora(model_type, dtype=torch.bfloat16, num_experts=4, top_k=2)
     assert next(model.base_model.parameters()).dtype == torch.bfloat16
     # Both paths round the base projections to bf16 in different places (rows gathered before or after
     # the delta is added): agreement is to bf16 precision, far below the size of the logits.
-    assert_parity(model, rtol=3e-2, atol=3e-2, grad_rtol=5e-2, grad_atol=2e-3)
+    assert_parity(model, fast, rtol=3e-2, atol=3e-2, grad_rtol=5e-2, grad_atol=2e-3)
 
 
-def test_bf16_autocast_parity():
+@FAST
+def test_bf16_autocast_parity(fast):
     # Under autocast the base projections (and the router) compute in bf16; the fast path picks its dtypes itself.
     model = mixlora("llama", num_experts=4, top_k=2)
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-        assert_parity(model, rtol=3e-2, atol=3e-2, grad_rtol=1e-1, grad_atol=5e-3)
+        assert_parity(model, fast, rtol=3e-2, atol=3e-2, grad_rtol=1e-1, grad_atol=5e-3)
 
 
-def test_single_token_decode_steps_and_generate_match_the_reference():
+def test_dispatch_defaults_to_grouped_and_names_are_checked():
+    model = mixlora("llama")
+    assert {layer.dispatch for layer in model.moe_layers()} == {"grouped"}
+    model.set_dispatch("dense")
+    assert {layer.dispatch for layer in model.moe_layers()} == {"dense"}
+    with pytest.raises(LoramixError, match="dispatch must be one of 'grouped', 'dense', 'reference', got 'sorted'"):
+        model.set_dispatch("sorted")
+
+
+@FAST
+def test_single_token_decode_steps_and_generate_match_the_reference(fast):
     model = mixlora("llama", num_experts=8, top_k=2).eval()
     ids, mask = batch(rows=2, pad_rows=1)
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
                   output_logits=True, return_dict_in_generate=True)
-    model.set_dispatch("grouped")
-    fast = model.generate(**kwargs)  # each decode step routes T = 2 tokens: most experts get none
+    model.set_dispatch(fast)
+    got = model.generate(**kwargs)  # each decode step routes T = 2 tokens: most experts get none
     model.set_dispatch("reference")
     ref = model.generate(**kwargs)
-    assert torch.equal(fast.sequences, ref.sequences)
-    for fast_step, ref_step in zip(fast.logits, ref.logits):
+    assert torch.equal(got.sequences, ref.sequences)
+    for fast_step, ref_step in zip(got.logits, ref.logits):
         torch.testing.assert_close(fast_step, ref_step, rtol=1e-5, atol=1e-5)
 
 
-def test_gradient_checkpointing_with_active_dropout_gives_the_same_gradients():
+@FAST
+def test_gradient_checkpointing_with_active_dropout_gives_the_same_gradients(fast):
     # Dropout masks are drawn inside the fast path's forward; the checkpointed recomputation must draw
     # the same ones (the RNG state is restored), or the gradients would differ.
     model = mixlora("llama", lora_dropout=0.3).train()
     ids, mask = batch()
     torch.manual_seed(123)
-    out, grads = run_dispatch(model, "grouped", input_ids=ids, attention_mask=mask, labels=ids)
+    out, grads = run_dispatch(model, fast, input_ids=ids, attention_mask=mask, labels=ids)
     model.gradient_checkpointing_enable()
     torch.manual_seed(123)
-    out_ckpt, grads_ckpt = run_dispatch(model, "grouped", input_ids=ids, attention_mask=mask, labels=ids)
+    out_ckpt, grads_ckpt = run_dispatch(model, fast, input_ids=ids, attention_mask=mask, labels=ids)
     torch.testing.assert_close(out_ckpt.loss, out.loss)
     for name in grads:
         torch.testing.assert_close(grads_ckpt[name], grads[name], msg=name)
@@ -231,7 +250,7 @@ def test_bench_command_prints_medians_memory_and_ratios_to_peft(tmp_path, capsys
     result = json.loads(capsys.readouterr().out)
     assert json.loads(out.read_text()) == result
     assert result["shape"]["hidden"] == 32 and result["shape"]["rank"] == 4
-    assert set(result["results"]) == {"peft-lora", "mixlora", "mixlora-reference"}
+    assert set(result["results"]) == {"peft-lora", "mixlora", "mixlora-dense", "mixlora-reference"}
     for res in result["results"].values():
         assert res["train_step_s"] > 0 and res["inference_forward_s"] > 0 and res["peak_step_extra_mb"] > 0
         assert set(res["ratio_to_peft_lora"]) == {"train_step", "inference_forward", "peak_step_extra",
