@@ -137,7 +137,8 @@ def test_report_shows_results_and_the_units_not_yet_run(pipeline):
     mix = _record(root, "multitask/mixlora")
     cells = [f"{100 * mix['eval']['test'][t]['label_acc']:.1f}" for t in TASKS]
     assert f"| mixlora | 16 | {mix['params']['trainable']:,} |" in doc and " | ".join(cells) in doc
-    assert doc.count("| lora | not yet run |") == 2  # the two single-task settings
+    assert doc.count("| lora | not yet run |") == 3  # the two single-task settings and the GPU one
+    assert "python -m experiments.run run --only multitask_10x/mixlora" in doc  # listed under the GPU units
     for png in ("loss_curves.png", "router_multitask_mixlora.png", "router_multitask_mixdora.png"):
         assert (root / "experiments" / "results" / "figures" / png).is_file()
         assert f"experiments/results/figures/{png})" in doc
