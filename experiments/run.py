@@ -93,25 +93,17 @@ def _loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else []
 
 
-def _hf_config(spec) -> Any:
-    from transformers import AutoConfig
-
-    from loramix.loading import _source
-
-    where, kwargs = _source(spec.name_or_path, spec.gguf_file)
-    return AutoConfig.from_pretrained(where, trust_remote_code=spec.trust_remote_code, **kwargs)
-
-
 def budget_rows(config: Path, overrides: list[str]) -> dict[str, dict[str, Any]]:
     """``loramix params``' rows by method for a setting: trainable parameters, share, and the LoRA/DoRA rank that
     matches the MixLoRA/MixDoRA budget (unless the config fixes ``adapter.lora_r``), with the alpha that keeps
     the mixture's alpha/r."""
     from loramix.baselines import budget_table, method_spec
+    from loramix.loading import load_config
     from loramix.runconfig import load_run_config
 
     cfg = load_run_config(str(config), overrides)
     spec = method_spec({k: v for k, v in cfg.adapter.items() if k != "type"})
-    rows = {r["method"]: r for r in budget_table(_hf_config(cfg.model), spec)}
+    rows = {r["method"]: r for r in budget_table(load_config(cfg.model), spec)}
     for method in ("lora", "dora"):
         rows[method]["lora_alpha"] = spec.config.lora_alpha / spec.config.r * rows[method]["rank"]
     return rows

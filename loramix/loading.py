@@ -44,6 +44,18 @@ def load_tokenizer(spec: ModelSpec) -> Any:
     return tok
 
 
+def load_config(spec: ModelSpec) -> Any:
+    """The base model's transformers config (hub id, folder or .gguf file) without loading its weights."""
+    from transformers import AutoConfig
+
+    where, kwargs = _source(spec.name_or_path, spec.gguf_file)
+    try:
+        return AutoConfig.from_pretrained(where, trust_remote_code=spec.trust_remote_code, **kwargs)
+    except Exception as exc:  # missing folder, offline hub, unknown architecture: one line for the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LoramixError(f"model {spec.name_or_path!r}: cannot read its config ({first})") from None
+
+
 def load_base_model(spec: ModelSpec) -> Any:
     """The HF causal LM, frozen-ready, in ``spec.dtype``."""
     from transformers import AutoModelForCausalLM

@@ -141,6 +141,10 @@ def test_params_command(tmp_path, stories_path, capsys):
     assert out.splitlines()[1].split() == ["method", "rank", "trainable", "share", "note"]
     assert [line.split()[:2] for line in out.splitlines()[2:]] == [["lora", "2"], ["dora", "2"], ["mixlora", "4"],
                                                                   ["mixdora", "4"]]
+    assert main(["params", str(path), "--model", str(tmp_path / "gone")]) == 2
+    assert "gone: no such model folder" in capsys.readouterr().err
+    assert main(["params", str(path), "--model", str(tmp_path / "gone.gguf")]) == 2
+    assert "gone.gguf: no such .gguf file" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

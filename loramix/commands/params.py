@@ -4,6 +4,7 @@ MixDoRA built from the config's adapter section, with the LoRA/DoRA rank that ma
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from ..errors import LoramixError
@@ -14,13 +15,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__)
     p.add_argument("config", help="a run config (YAML) with model and adapter sections")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--model", help="base model folder or hub id (default: the config's model.name_or_path)")
+    p.add_argument("--model", help="base model folder, .gguf file or hub id (default: the config's model.name_or_path)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..baselines import budget_table, method_spec
+    from ..loading import load_config
     from ..runconfig import load_run_config
 
     cfg = load_run_config(args.config, args.set)
@@ -28,8 +30,9 @@ def run(args: argparse.Namespace) -> int:
     if adapter.pop("type", "mixlora") != "mixlora":
         raise LoramixError(f"{args.config}: adapter.type must be mixlora (MixLoRA keys) to compare the methods")
     spec = method_spec(adapter)
-    name = args.model or cfg.model.name_or_path
-    rows = budget_table(_hf_config(name, cfg.model.trust_remote_code), spec)
+    model = dataclasses.replace(cfg.model, name_or_path=args.model, gguf_file=None) if args.model else cfg.model
+    name = model.name_or_path
+    rows = budget_table(load_config(model), spec)
     if args.json:
         print(json.dumps({"model": name, "rows": rows}, indent=2))
         return 0
@@ -45,12 +48,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"{row['method']:<9}{row['rank']:>6}  {row['trainable']:>14,d}  {100 * row['share']:>7.3f}%  {note}")
     return 0
 
-
-def _hf_config(name: str, trust_remote_code: bool):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # missing folder, offline hub, unknown architecture: one line for the user
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LoramixError(f"model {name!r}: cannot read its config ({first})") from None
