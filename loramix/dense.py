@@ -38,7 +38,7 @@ def pair_deltas(lora: ExpertLoras, low: torch.Tensor, mask: torch.Tensor) -> tor
     return (low * mask) @ stacked_b(lora).t() * lora.scaling
 
 
-def dense_pairs(experts: torch.Tensor, rank: int, num_experts: int) -> torch.Tensor:
+def expert_block_mask(experts: torch.Tensor, rank: int, num_experts: int) -> torch.Tensor:
     """experts: ``[T, k]`` -> the block mask ``[T*k, E*r]`` fp32 of each pair's own expert."""
     onehot = F.one_hot(experts.reshape(-1), num_experts).to(torch.float32)             # [P, E]
     return onehot.repeat_interleave(rank, dim=1)
@@ -55,7 +55,7 @@ def dense_expert_mix(ffn, x: torch.Tensor, weights: torch.Tensor, experts: torch
     masks: dict[int, torch.Tensor] = {}
 
     def mask_for(lora: ExpertLoras) -> torch.Tensor:
-        return masks.setdefault(lora.rank, dense_pairs(experts, lora.rank, ffn.num_experts))
+        return masks.setdefault(lora.rank, expert_block_mask(experts, lora.rank, ffn.num_experts))
 
     pre = []
     for name in ffn.input_names:

@@ -99,7 +99,7 @@ class MixLoraModel(nn.Module):
 
     def set_dispatch(self, dispatch: str) -> None:
         """For every MoE layer: ``"grouped"`` (the default: sorted expert segments, fused.py), ``"dense"``
-        (sync-free masked matmuls, dense.py: faster on a GPU, about twice the activation memory) or
+        (sync-free masked matmuls, dense.py: faster on a GPU, about 2.3x the activations) or
         ``"reference"`` (per-expert loop). All compute the same function (tests/test_fast_path.py)."""
         if dispatch not in DISPATCHES:
             raise LoramixError(f"dispatch must be one of {', '.join(map(repr, DISPATCHES))}, got {dispatch!r}")

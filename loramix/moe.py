@@ -23,8 +23,9 @@ class MixLoraFFN(nn.Module):
     ``base`` is the model's own MLP module (frozen, its projections called unchanged). ``experts`` maps
     each targeted FFN projection name to its :class:`ExpertLoras`. ``dispatch`` selects the grouped
     fast path (``"grouped"``, the default, fused.py: fewest FLOPs, least memory, fastest on CPU), the
-    sync-free dense path (``"dense"``, dense.py: fewest kernel launches, fastest on a GPU, about twice the
-    activation memory) or the straightforward per-expert loop (``"reference"``), kept for tests and benchmarks. The last forward's router logits are kept in ``router_logits``.
+    sync-free dense path (``"dense"``, dense.py: fewest kernel launches, fastest on a GPU, about 2.3x the
+    activations) or the straightforward per-expert loop (``"reference"``), kept for tests and benchmarks.
+    The last forward's router logits are kept in ``router_logits``.
     ``router`` (routing.py) picks the experts; DoRA experts (``use_dora``) always take the per-expert path.
     """
 
