@@ -259,23 +259,28 @@ def _commands(res: dict[str, dict]) -> list[str]:
 
 
 def longer_training_section(setting: str, res: dict[str, dict]) -> list[str]:
-    """``setting`` (multitask with 10x the examples and steps) beside the multitask setting, per method."""
+    """``setting`` (the multitask mixture, trained longer) beside the multitask setting, per method."""
+    import yaml
+
     records = {m: res[f"{setting}/{m}"] for m in METHODS if f"{setting}/{m}" in res}
     machines = sorted({f"{r['machine'].get('gpu') or 'CPU'} (torch {r['machine']['torch']})" for r in records.values()})
     tasks = _setting_tasks(setting)
-    lines = [f"## {setting}: ten times the training, on a GPU", "",
-             f"The `multitask` mixture with ten times the examples and steps (`experiments/configs/{setting}.yaml`: "
-             "960 per task, 840 steps of 8, warmup 50; otherwise the same), to test whether MixLoRA, whose "
-             "experts each see about a quarter of the tokens, needs more training than one dense LoRA. It runs "
-             f"only when named (`python -m experiments.run run --only '{setting}/*'`): about 3 hours per unit on "
-             "2 CPU cores, minutes on a GPU. "
-             + (f"Machine: {', '.join(machines)}; {len(records)} of {len(METHODS)} methods ran." if records
-                else "No unit has run yet."), "", *results_table(setting, res), "",
+    raw = yaml.safe_load((CONFIGS / f"{setting}.yaml").read_text(encoding="utf-8"))
+    train, samples = raw["train"], sorted({d.get("samples") for d in raw["data"]["datasets"]})
+    batch = train["micro_batch_size"] * train["gradient_accumulation_steps"]
+    lines = [f"## {setting}: longer training, on a GPU", "",
+             f"The `multitask` mixture with more examples and steps (`experiments/configs/{setting}.yaml`: "
+             f"{', '.join(map(str, samples))} per task, {train['max_steps']} steps of {batch}, warmup "
+             f"{train['warmup_steps']}; otherwise the same), to test whether MixLoRA, whose experts each see about a "
+             "quarter of the tokens, needs more training than one dense LoRA. It runs only when named "
+             f"(`python -m experiments.run run --only '{setting}/*'`): hours per unit on 2 CPU cores, minutes on "
+             "a GPU. " + (f"Machine: {', '.join(machines)}; {len(records)} of {len(METHODS)} methods ran."
+                          if records else "No unit has run yet."), "", *results_table(setting, res), "",
              f"Paired differences on the same test items ({setting}):", "", *pairs_table(setting, res), "",
-             "The same method after 84 and after 840 steps (test accuracy, %):", "",
+             "The same method in `multitask` and here (test accuracy, %):", "",
              "| method | steps | " + " | ".join(tasks) + " | avg |", "|---|---|" + "---|" * (len(tasks) + 1)]
     for method, record in records.items():
-        for name, r in (("multitask", res.get(f"multitask/{method}")), (setting, record)):
+        for r in (res.get(f"multitask/{method}"), record):
             if r is None:
                 continue
             found = r["eval"]["test"]

@@ -229,7 +229,7 @@ class Runner:
 
         from loramix.cli import main as loramix_main
         from loramix.commands.common import quiet_transformers
-        from loramix.loading import attach_adapter, load_base_model, load_tokenizer, resolve_device
+        from loramix.loading import load_model
         from loramix.runconfig import load_run_config
 
         if self.threads:
@@ -263,13 +263,11 @@ class Runner:
         if unit.method.startswith("mix"):
             record["commands"]["inspect"] = "loramix " + _command("inspect", "--config", config, *eval_sets)
 
-        tokenizer = load_tokenizer(cfg.model)
-        base = load_base_model(cfg.model)
+        model, tokenizer = load_model(cfg.model, None if adapter_dir is None else str(adapter_dir))  # on the GPU if any
         if adapter_dir is not None:
             log = read_log(Path(cfg.train.output_dir) / "log.jsonl")
             tokens = training_tokens(cfg, tokenizer)
             record["train"] = {**log, **tokens, "tokens_per_s": round(tokens["tokens"] / max(log["wall_s"], 1e-9), 1)}
-        model = attach_adapter(base, None if adapter_dir is None else str(adapter_dir)).to(resolve_device())
         t0 = time.time()
         record["eval"] = {"val": evaluate(model, tokenizer, cfg, "val")}
         if not unit.tag:
