@@ -16,7 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from loramix import MixLoraConfig
-from loramix.baselines import MethodSpec, build_model
+from loramix.training.methods import MethodSpec, build_model
 
 CASES = {
     "mixlora top-2": MethodSpec("mixlora", MixLoraConfig(r=16, num_experts=8, top_k=2, lora_dropout=0.0)),

@@ -368,7 +368,7 @@ def write_report(results: Path, doc: Path) -> Path:
               "over layers (ln 8 = 2.079 is perfectly balanced, 0 = collapse onto one expert); `TV` is the "
               "mean total-variation distance between a task's shares and the pooled shares (0: every task "
               "uses the experts alike; larger: experts specialise by task).", ""]
-    from loramix.router_stats import plot_heatmap
+    from loramix.evaluation.router_stats import plot_heatmap
 
     for name, record in untagged.items():
         if "router" not in record:

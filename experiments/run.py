@@ -97,8 +97,8 @@ def budget_rows(config: Path, overrides: list[str]) -> dict[str, dict[str, Any]]
     """``loramix params``' rows by method for a setting: trainable parameters, share, and the LoRA/DoRA rank that
     matches the MixLoRA/MixDoRA budget (unless the config fixes ``adapter.lora_r``), with the alpha that keeps
     the mixture's alpha/r."""
-    from loramix.baselines import budget_table, method_spec
-    from loramix.loading import load_config
+    from loramix.training.methods import budget_table, method_spec
+    from loramix.io.base_model import load_config
     from loramix.runconfig import load_run_config
 
     cfg = load_run_config(str(config), overrides)
@@ -120,7 +120,7 @@ def method_overrides(method: str, rows: dict[str, dict[str, Any]]) -> list[str]:
 def training_tokens(cfg, tokenizer) -> dict[str, int]:
     """Non-pad tokens the trainer processed (its own data order: ``make_plan`` and ``Plan.micro_batch``)."""
     from loramix.data import IGNORE_INDEX, Encoder, load_mixture
-    from loramix.train import make_plan
+    from loramix.training.trainer import make_plan
 
     t = cfg.train
     specs = [dataclasses.replace(s, template=s.template or cfg.data.template) for s in cfg.data.datasets]
@@ -165,7 +165,7 @@ def evaluate(model, tokenizer, cfg, split: str) -> dict[str, dict[str, Any]]:
     """Per task: ``n``, ``label_acc``, ``loglik_acc`` (as ``loramix eval``) and each example's hits as strings of
     0/1 (``label_correct``, ``loglik_correct``, in file order) for paired comparisons between methods."""
     from loramix.data import Encoder, load_examples
-    from loramix.evaluate import predict
+    from loramix.evaluation.accuracy import predict
 
     examples = [e for s in _eval_specs(cfg, split) for e in load_examples(s)]
     preds = predict(model, Encoder(tokenizer), examples, batch_size=cfg.train.eval_batch_size,
@@ -184,7 +184,7 @@ def evaluate(model, tokenizer, cfg, split: str) -> dict[str, dict[str, Any]]:
 def router_load(model, tokenizer, cfg, limit: int) -> dict[str, Any]:
     """``loramix inspect``'s statistics on the first ``limit`` validation examples of each task."""
     from loramix.data import Encoder, load_examples
-    from loramix.router_stats import router_statistics
+    from loramix.evaluation.router_stats import router_statistics
 
     examples = [e for s in _eval_specs(cfg, "val", limit) for e in load_examples(s)]
     return router_statistics(model, Encoder(tokenizer, cutoff_len=cfg.data.cutoff_len), examples,
@@ -291,7 +291,7 @@ def prepare(*, data_dir: Path = DATA_DIR, model_link: Path | None = MODEL_LINK, 
 
     counts = prepare_data(data_dir, **sizes)
     if model_link is not None:
-        from loramix.demo import smollm2_path
+        from loramix.tools.demo import smollm2_path
 
         target = smollm2_path()
         model_link.parent.mkdir(parents=True, exist_ok=True)

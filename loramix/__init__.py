@@ -2,7 +2,7 @@
 
 from .config import MixLoraConfig
 from .errors import LoramixError
-from .export import export_mixtral, export_moe
+from .convert.export import export_mixtral, export_moe
 from .families import FAMILIES
 from .model import MixLoraModel, MixLoraModelForCausalLM, get_mixlora_model
 

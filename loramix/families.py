@@ -5,12 +5,17 @@ Adding a family is adding a row. Nothing else in loramix branches on ``model_typ
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .errors import LoramixError
+
+if TYPE_CHECKING:
+    from .config import MixLoraConfig
 
 GATED = "gated"            # act(gate(x)) * up(x), then down
 FUSED_GATED = "fused"      # gate_up(x) split in halves [gate | up], act(gate) * up, then down
@@ -75,6 +80,21 @@ def family_for(model: nn.Module) -> Family:
             f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(FAMILIES))}"
         )
     return FAMILIES[model_type]
+
+
+def resolve_targets(config: "MixLoraConfig", family: Family) -> list[str]:
+    """The projection names to adapt: ``config.target_modules`` checked against the family, or all of them."""
+    if config.target_modules is None:
+        return list(dict.fromkeys(family.all_projections))
+    for name in config.target_modules:
+        if name not in family.all_projections:
+            close = difflib.get_close_matches(name, family.all_projections, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise LoramixError(
+                f"target_modules: {name!r} is not a projection of this model; {hint}"
+                f"available: {', '.join(dict.fromkeys(family.all_projections))}"
+            )
+    return list(config.target_modules)
 
 
 def decoder_layers(model: nn.Module, family: Family) -> nn.ModuleList:

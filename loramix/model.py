@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 from typing import Iterator
 
@@ -11,28 +10,13 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
-from . import formats
 from .config import MixLoraConfig
 from .errors import LoramixError
-from .families import Family, activation_name, decoder_layers, family_for
-from .lora import LoraLinear
-from .moe import DISPATCHES, MixLoraFFN
-from .routing import auxiliary_loss, build_router
-
-
-def resolve_targets(config: MixLoraConfig, family: Family) -> list[str]:
-    """The projection names to adapt: ``config.target_modules`` checked against the family, or all of them."""
-    if config.target_modules is None:
-        return list(dict.fromkeys(family.all_projections))
-    for name in config.target_modules:
-        if name not in family.all_projections:
-            close = difflib.get_close_matches(name, family.all_projections, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise LoramixError(
-                f"target_modules: {name!r} is not a projection of this model; {hint}"
-                f"available: {', '.join(dict.fromkeys(family.all_projections))}"
-            )
-    return list(config.target_modules)
+from .families import Family, activation_name, decoder_layers, family_for, resolve_targets
+from .io import adapter_folder
+from .nn.lora import LoraLinear
+from .nn.moe import DISPATCHES, MixLoraFFN
+from .nn.routing import auxiliary_loss, build_router
 
 
 def _inject(model: nn.Module, config: MixLoraConfig, family: Family) -> None:
@@ -167,7 +151,7 @@ class MixLoraModel(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike, *, format: str = "loramix") -> None:
         """Write ``adapter_config.json`` and the weights: ``adapter_model.safetensors`` (``format="loramix"``)
         or the reference layout ``adapter_model.bin`` (``format="moe-peft"``)."""
-        formats.save_adapter(self, os.fspath(save_directory), format=format)
+        adapter_folder.save_adapter(self, os.fspath(save_directory), format=format)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, adapter_path: str | os.PathLike, *,
@@ -178,11 +162,11 @@ class MixLoraModel(nn.Module):
         Every adapter tensor must come from the file: a missing, extra or misshapen key is an error.
         """
         adapter_path = os.fspath(adapter_path)
-        config = formats.read_adapter_config(adapter_path)
+        config = adapter_folder.read_adapter_config(adapter_path)
         family_for(base_model)  # an unsupported base fails before anything is read
-        formats.check_base_matches(adapter_path, base_model)
+        adapter_folder.check_base_matches(adapter_path, base_model)
         model = cls(base_model, config)
-        formats.load_adapter_weights(model, adapter_path)
+        adapter_folder.load_adapter_weights(model, adapter_path)
         for _, param in model.trainable_parameters():
             param.requires_grad_(is_trainable)
         model.train(is_trainable)
@@ -211,8 +195,8 @@ class MixLoraModelForCausalLM:
         """
         from transformers import AutoModelForCausalLM
 
-        path = formats.resolve_adapter_dir(adapter_name_or_path)
-        config = formats.read_adapter_config(path)
+        path = adapter_folder.resolve_adapter_dir(adapter_name_or_path)
+        config = adapter_folder.read_adapter_config(path)
         if not config.base_model_name_or_path:
             raise LoramixError(f"{path}: adapter_config.json has no base_model_name_or_path")
         base = AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path, dtype=dtype, **base_kwargs)

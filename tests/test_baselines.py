@@ -9,7 +9,7 @@ from peft import PeftModel
 from transformers import AutoConfig
 
 from loramix import LoramixError, MixLoraConfig
-from loramix.baselines import METHODS, MethodSpec, budget_table, build_model, lora_count_per_rank, \
+from loramix.training.methods import METHODS, MethodSpec, budget_table, build_model, lora_count_per_rank, \
     matching_rank, method_spec, trainable_and_total
 from loramix.cli import main
 
@@ -161,9 +161,10 @@ def test_each_method_trains_through_loramix_train_and_reloads(toy_run, tmp_path,
     import yaml
     from helpers_cli import tiny_run_config
 
-    from loramix.loading import attach_adapter, load_base_model
+    from loramix.io.base_model import load_base_model
+    from loramix.loading import attach_adapter
     from loramix.runconfig import ModelSpec, build_run_config
-    from loramix.train import train
+    from loramix.training.trainer import train
 
     model_dir, data = toy_run
     raw = tiny_run_config(model_dir, data, tmp_path / "run", max_steps=6, learning_rate=2e-2)

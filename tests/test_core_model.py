@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 
 import loramix
 from loramix import LoramixError, MixLoraConfig
-from loramix.routing import load_balancing_loss
+from loramix.nn.routing import load_balancing_loss
 
 from conftest import ALL_FAMILIES, batch, copy_into_peft, randomize_adapter, run_dispatch, tiny_model
 

@@ -9,7 +9,7 @@ from helpers_cli import tiny_llama_dir
 
 from loramix.data import load_examples
 from loramix.data.synthetic import _TOPICS, GENERATORS, synthetic_splits, synthetic_task
-from loramix.demo import DEMO_TASKS, demo_config, write_demo_data
+from loramix.tools.demo import DEMO_TASKS, demo_config, write_demo_data
 from loramix.errors import LoramixError
 from loramix.runconfig import DatasetSpec, build_run_config
 
@@ -52,7 +52,7 @@ def test_demo_data_loads_as_classification(tmp_path):
 
 
 def test_demo_flow_on_a_tiny_model(tmp_path):
-    from loramix.demo import run_demo
+    from loramix.tools.demo import run_demo
 
     model = tiny_llama_dir(tmp_path / "model")
     lines = []

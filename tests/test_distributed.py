@@ -16,10 +16,10 @@ from helpers_cli import adapter_tensors, tiny_llama_dir, tiny_run_config, toy_cl
 
 from loramix import MixLoraConfig
 from loramix.data import collate
-from loramix.distributed import DataParallel, RouterLoad, make_accelerator, predicted_tokens
+from loramix.training.distributed import DataParallel, RouterLoad, make_accelerator, predicted_tokens
 from loramix.errors import LoramixError
 from loramix.runconfig import build_run_config
-from loramix.train import train
+from loramix.training.trainer import train
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is needed")

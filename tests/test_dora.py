@@ -161,7 +161,7 @@ def test_moe_peft_format_refuses_trained_magnitudes(tmp_path):
 
 def _reference_style_dora(model):
     """What the reference has after loading its own DoRA file: magnitudes equal ||W + sBA||."""
-    from loramix.formats import _dora_magnitudes
+    from loramix.io.moe_peft import dora_magnitudes as _dora_magnitudes
 
     with torch.no_grad():
         for _, magnitude, norms in _dora_magnitudes(model):

@@ -10,8 +10,9 @@ from helpers_cli import COMMONSENSE, byte_tokenizer, shared_or_skip, tiny_llama_
 import loramix
 from loramix.data import Encoder, Example, load_examples
 from loramix.errors import LoramixError
-from loramix.evaluate import format_table, predict, score, with_average
-from loramix.loading import attach_adapter, load_base_model
+from loramix.evaluation.accuracy import format_table, predict, score, with_average
+from loramix.io.base_model import load_base_model
+from loramix.loading import attach_adapter
 from loramix.runconfig import DatasetSpec, ModelSpec
 
 

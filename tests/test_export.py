@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import loramix
 from loramix import LoramixError, MixLoraConfig, cli
 from loramix.commands import export as export_command
-from loramix.export import export_moe
+from loramix.convert.export import export_moe
 
 from conftest import batch, randomize_adapter, tiny_model
 from helpers_export import mixlora, run_command, saved_base_and_adapter

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 import loramix
 from loramix import MixLoraConfig
-from loramix.bench import peak_step_bytes
+from loramix.tools.bench import peak_step_bytes
 from loramix.cli import main
 from loramix.errors import LoramixError
-from loramix.fused import PairMix, PairMixSpec, sort_pairs
+from loramix.nn.dispatch.grouped import PairMix, PairMixSpec, sort_pairs
 
 from conftest import randomize_adapter, run_dispatch, tiny_model
 from conftest import batch as cpu_batch

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from loramix import MixLoraConfig, get_mixlora_model
-from loramix.distributed import token_ce_sum
-from loramix.memory import LLAMA2_7B, Shape, adapter_parameters, base_parameters, estimate, saved_bytes_per_token
+from loramix.training.distributed import token_ce_sum
+from loramix.tools.memory import LLAMA2_7B, Shape, adapter_parameters, base_parameters, estimate, saved_bytes_per_token
 
 SMALL = Shape(hidden=96, intermediate=160, layers=2, heads=3, vocab=50)
 

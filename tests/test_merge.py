@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 import loramix
 from loramix import LoramixError, MixLoraModel
 from loramix.commands import merge as merge_command
-from loramix.merge import merge_adapter, merged_weight
+from loramix.convert.fold import merged_weight
+from loramix.convert.merge import merge_adapter
 
 from conftest import batch, tiny_model
 from helpers_export import mixlora, run_command, saved_base_and_adapter

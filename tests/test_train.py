@@ -13,10 +13,10 @@ import torch
 import yaml
 from helpers_cli import adapter_tensors, tiny_llama_dir, tiny_run_config, toy_classification
 
-from loramix import checkpoint as ckpt
+from loramix.io import checkpoint as ckpt
 from loramix.errors import LoramixError
 from loramix.runconfig import build_run_config, load_run_config
-from loramix.train import make_optimizer, train
+from loramix.training.trainer import make_optimizer, train
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_checkpoints_rotate_and_are_complete(setup, tmp_path):
 def test_kill_9_mid_save_leaves_no_broken_checkpoint(tmp_path):
     script = textwrap.dedent(f"""
         import os, time
-        from loramix.checkpoint import atomic_dir
+        from loramix.io.atomic import atomic_dir
         def write(tmp):
             open(os.path.join(tmp, "trainer_state.pt"), "wb").write(b"half")
             print("writing", flush=True)

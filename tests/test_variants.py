@@ -11,7 +11,7 @@ from peft import LoraConfig, inject_adapter_in_model
 
 import loramix
 from loramix import LoramixError, MixLoraConfig
-from loramix.routing import NO_EXPERT, SwitchRouter, expert_choices, load_balancing_loss, route_top_p, top_p_mask, \
+from loramix.nn.routing import NO_EXPERT, SwitchRouter, expert_choices, load_balancing_loss, route_top_p, top_p_mask, \
     within_capacity, z_loss
 
 from conftest import batch, randomize_adapter, run_dispatch, tiny_model
@@ -377,7 +377,7 @@ def test_routing_variants_train_through_loramix_train(tmp_path, routing):
     from helpers_cli import tiny_llama_dir, tiny_run_config, toy_classification
 
     from loramix.runconfig import build_run_config
-    from loramix.train import train
+    from loramix.training.trainer import train
 
     raw = tiny_run_config(tiny_llama_dir(tmp_path / "model"), toy_classification(tmp_path / "toy.jsonl"),
                           tmp_path / "run", max_steps=3)

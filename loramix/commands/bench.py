@@ -13,7 +13,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from ..bench import VARIANTS, BenchShape
+    from ..tools.bench import VARIANTS, BenchShape
 
     default = BenchShape()
     p = subparsers.add_parser("bench", help="MixLoRA against PEFT LoRA: step time, inference time, peak memory",
@@ -44,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..bench import VARIANTS, BenchShape, run_benchmark
+    from ..tools.bench import VARIANTS, BenchShape, run_benchmark
 
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     for variant in variants:

@@ -9,7 +9,7 @@ from typing import Any
 from ..data import Example, canonical_task_name, load_examples
 from ..errors import LoramixError
 from ..runconfig import DatasetSpec, ModelSpec, RunConfig, load_run_config
-from ..train import ADAPTER_DIR
+from ..training.trainer import ADAPTER_DIR
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

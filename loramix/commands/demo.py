@@ -38,7 +38,7 @@ def _threads(wanted: int | None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from ..tools.demo import run_demo
 
     quiet_transformers()
     threads = _threads(args.threads)

@@ -17,7 +17,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import format_table, score, with_average, write_json
+    from ..evaluation.accuracy import format_table, score, with_average, write_json
 
     job = scoring_setup(args)
     results = with_average(score(job.model, job.encoder, job.examples, batch_size=job.batch_size,

@@ -34,7 +34,8 @@ def load_mixlora(args: argparse.Namespace):
     import torch
     from transformers import AutoConfig
 
-    from ..loading import adapter_kind, attach_adapter, load_base_model, load_tokenizer
+    from ..io.base_model import load_base_model, load_tokenizer
+    from ..loading import adapter_kind, attach_adapter
     from ..runconfig import ModelSpec
     from .common import quiet_transformers
 
@@ -62,7 +63,7 @@ def load_mixlora(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export import export_moe
+    from ..convert.export import export_moe
 
     model, dtype, tokenizer = load_mixlora(args)
     summary = export_moe(model, args.output_dir, architecture=args.to, dtype=dtype,

@@ -37,7 +37,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from ..data import get_template
-    from ..generation import generate
+    from ..evaluation.generation import generate
 
     prompts = _prompts(args)
     cfg = run_config(args)

@@ -19,7 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..router_stats import format_summary, plot_heatmap, router_statistics
+    from ..evaluation.router_stats import format_summary, plot_heatmap, router_statistics
 
     job = scoring_setup(args)
     stats = router_statistics(job.model, job.encoder, job.examples, batch_size=job.batch_size)

@@ -17,7 +17,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..merge import merge_adapter
+    from ..convert.merge import merge_adapter
 
     model, dtype, tokenizer = load_mixlora(args)
     summary = merge_adapter(model, args.output_dir, what="attention" if args.attention_only else "all",

@@ -21,8 +21,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..baselines import budget_table, method_spec
-    from ..loading import load_config
+    from ..training.methods import budget_table, method_spec
+    from ..io.base_model import load_config
     from ..runconfig import load_run_config
 
     cfg = load_run_config(args.config, args.set)

@@ -17,9 +17,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..distributed import end_processes
+    from ..training.distributed import end_processes
     from ..runconfig import load_run_config
-    from ..train import train
+    from ..training.trainer import train
 
     cfg = load_run_config(args.config, args.set)
     quiet_transformers()

@@ -11,38 +11,18 @@ import os
 import random
 import re
 import shutil
-import tempfile
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
-from .errors import LoramixError
+from ..errors import LoramixError
+from .atomic import atomic_dir
 
 STATE_NAME = "trainer_state.pt"
+RUN_CONFIG_NAME = "run_config.yaml"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def atomic_dir(final: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_dir)`` and move the finished folder to ``final`` (replacing an older one)."""
-    parent = os.path.dirname(os.path.abspath(final))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
-        write(tmp)
-        for name in os.listdir(tmp):
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
-        if os.path.exists(final):
-            old = tempfile.mkdtemp(prefix=".tmp-old-", dir=parent)
-            os.replace(final, os.path.join(old, "x"))
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def rng_state() -> dict[str, Any]:
@@ -91,3 +71,38 @@ def load_state(path: str) -> dict[str, Any]:
         return torch.load(os.path.join(path, STATE_NAME), map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError) as e:
         raise LoramixError(f"{path}: unreadable checkpoint ({e})") from None
+
+
+def _trainable(model: Any) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path: str, model: Any, *, optimizer: Any, scheduler: Any, step: int, run_config: dict[str, Any],
+                    extra: dict[str, Any]) -> None:
+    """Write ``checkpoint-<step>`` atomically: the adapter, ``trainer_state.pt`` and ``run_config.yaml``."""
+    def write(tmp: str) -> None:
+        model.save_pretrained(tmp)
+        torch.save({"step": step, "params": {n: p.detach().cpu().clone() for n, p in _trainable(model).items()},
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": rng_state(), **extra}, os.path.join(tmp, STATE_NAME))
+        with open(os.path.join(tmp, RUN_CONFIG_NAME), "w", encoding="utf-8") as f:
+            yaml.safe_dump(run_config, f, sort_keys=False)
+    atomic_dir(path, write)
+
+
+def restore_checkpoint(path: str, model: Any, optimizer: Any, scheduler: Any) -> int:
+    """Load a checkpoint's trainable tensors, optimizer, scheduler and RNG state; returns its step."""
+    state = load_state(path)
+    params = _trainable(model)
+    if set(params) != set(state["params"]):
+        raise LoramixError(f"{path}: checkpoint does not match this adapter config (different parameters)")
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            if params[name].shape != value.shape:
+                raise LoramixError(f"{path}: checkpoint tensor {name} has shape {tuple(value.shape)}, "
+                                   f"the adapter expects {tuple(params[name].shape)}")
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return int(state["step"])

@@ -17,14 +17,17 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import yaml
 
-from . import checkpoint as ckpt
-from .data import IGNORE_INDEX, Encoder, load_mixture, pad_token_id
+from ..data import IGNORE_INDEX, Encoder, load_mixture, pad_token_id
+from ..config import MixLoraConfig
+from ..errors import LoramixError
+from ..io import checkpoint as ckpt
+from ..io.atomic import atomic_dir
+from ..io.base_model import load_base_model, load_tokenizer
+from ..model import get_mixlora_model
+from ..runconfig import RunConfig, TrainSpec
 from .distributed import DataParallel, make_accelerator
-from .errors import LoramixError
-from .loading import load_base_model, load_tokenizer
-from .runconfig import RunConfig, TrainSpec
+from .methods import build_model, method_spec
 
 LOG_NAME = "log.jsonl"
 ADAPTER_DIR = "adapter"
@@ -44,12 +47,7 @@ def build_adapter_model(base: Any, adapter: dict[str, Any]) -> Any:
     keys = {k: v for k, v in adapter.items() if k != "type"}
     if adapter.get("type", "mixlora") == "mixlora":
         if "method" in keys:
-            from .baselines import build_model, method_spec
-
             return build_model(base, method_spec(keys))
-        from .config import MixLoraConfig
-        from .model import get_mixlora_model
-
         return get_mixlora_model(base, MixLoraConfig.from_dict(keys, source="adapter"))
     from peft import LoraConfig, get_peft_model
 
@@ -134,35 +132,6 @@ class _Logger:
             self.tb.close()
 
 
-def _save(path: str, model: Any, optimizer: Any, scheduler: Any, step: int, cfg: RunConfig,
-          extra: dict[str, Any]) -> None:
-    def write(tmp: str) -> None:
-        model.save_pretrained(tmp)
-        torch.save({"step": step, "params": {n: p.detach().cpu().clone() for n, p in trainable(model)},
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": ckpt.rng_state(), **extra}, os.path.join(tmp, ckpt.STATE_NAME))
-        with open(os.path.join(tmp, "run_config.yaml"), "w", encoding="utf-8") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    ckpt.atomic_dir(path, write)
-
-
-def _restore(path: str, model: Any, optimizer: Any, scheduler: Any) -> int:
-    state = ckpt.load_state(path)
-    params = dict(trainable(model))
-    if set(params) != set(state["params"]):
-        raise LoramixError(f"{path}: checkpoint does not match this adapter config (different parameters)")
-    with torch.no_grad():
-        for name, value in state["params"].items():
-            if params[name].shape != value.shape:
-                raise LoramixError(f"{path}: checkpoint tensor {name} has shape {tuple(value.shape)}, "
-                                   f"the adapter expects {tuple(params[name].shape)}")
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    ckpt.set_rng_state(state["rng"])
-    return int(state["step"])
-
-
 @dataclasses.dataclass
 class TrainResult:
     """The final adapter folder and the trained model (in eval mode) with its tokenizer."""
@@ -216,7 +185,7 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
     if resume:
         found = ckpt.list_checkpoints(out)
         if found:
-            step = _restore(found[-1][1], model, optimizer, scheduler)
+            step = ckpt.restore_checkpoint(found[-1][1], model, optimizer, scheduler)
             dp.restore_rng(t.seed, step)
             echo(f"resuming from {found[-1][1]} (step {step} of {plan.total_steps})")
         else:
@@ -258,8 +227,9 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
                 extra = dp.checkpoint_extra(global_batch)
                 with dp.whole_parameters(model):
                     if dp.is_main:
-                        _save(os.path.join(out, f"checkpoint-{step}"), accelerator.unwrap_model(model), optimizer,
-                              scheduler, step, cfg, extra)
+                        ckpt.save_checkpoint(os.path.join(out, f"checkpoint-{step}"), accelerator.unwrap_model(model),
+                                             optimizer=optimizer, scheduler=scheduler, step=step,
+                                             run_config=cfg.to_dict(), extra=extra)
                         ckpt.rotate(out, t.save_total_limit)
                 dp.barrier()
     finally:
@@ -267,7 +237,7 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
     final = os.path.join(out, ADAPTER_DIR)
     with dp.whole_parameters(model):
         if dp.is_main:
-            ckpt.atomic_dir(final, accelerator.unwrap_model(model).save_pretrained)
+            atomic_dir(final, accelerator.unwrap_model(model).save_pretrained)
     dp.barrier()
     model = accelerator.unwrap_model(model)
     echo(f"adapter saved to {final}")

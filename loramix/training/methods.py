@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import MixLoraConfig, reject_unknown
-from .errors import LoramixError
-from .families import decoder_layers, family_for, projection_shape
+from ..config import MixLoraConfig, reject_unknown
+from ..errors import LoramixError
+from ..families import decoder_layers, family_for, projection_shape, resolve_targets
+from ..model import get_mixlora_model
 
 METHODS = ("lora", "dora", "mixlora", "mixdora")
 
@@ -63,8 +64,6 @@ def method_spec(adapter: dict[str, Any], *, source: str = "adapter") -> MethodSp
 def build_model(base: nn.Module, spec: MethodSpec) -> nn.Module:
     """Wrap a frozen HF causal LM with the spec's adapter: a MixLoraModel or a PEFT model."""
     if spec.is_mixture:
-        from .model import get_mixlora_model
-
         return get_mixlora_model(base, dataclasses.replace(spec.config, use_dora=spec.use_dora))
     from peft import get_peft_model
 
@@ -76,8 +75,6 @@ def peft_lora_config(config: MixLoraConfig, base: nn.Module, *, rank: int, use_d
     """HF PEFT's LoraConfig for the same projections as ``config`` on ``base`` (its top-level alpha, dropout,
     rsLoRA and init; ``rank`` instead of ``config.r``)."""
     from peft import LoraConfig
-
-    from .model import resolve_targets
 
     targets = list(dict.fromkeys(resolve_targets(config, family_for(base))))
     conv1d = any(type(module).__name__ == "Conv1D" for module in base.modules())  # GPT-2 stores W as [in, out]
@@ -113,8 +110,6 @@ def trainable_and_total(hf_config, spec: MethodSpec) -> tuple[int, int]:
 def lora_count_per_rank(hf_config, config: MixLoraConfig, *, use_dora: bool) -> tuple[int, int]:
     """A LoRA on ``config``'s projections has ``slope * r + offset`` trainable parameters:
     ``slope = sum (in + out)`` over the adapted projections, ``offset = sum out`` with DoRA (magnitudes), else 0."""
-    from .model import resolve_targets
-
     base = meta_model(hf_config)
     family = family_for(base)
     targets = resolve_targets(config, family)

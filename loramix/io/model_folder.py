@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save_file
 
-from .errors import LoramixError
+from ..errors import LoramixError
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"

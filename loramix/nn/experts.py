@@ -1,4 +1,4 @@
-"""Stacked expert LoRA parameters (the grouped application is loramix/fused.py)."""
+"""Stacked expert LoRA parameters (how they are applied to routed tokens is the dispatch package's)."""
 
 from __future__ import annotations
 

@@ -24,6 +24,9 @@ from typing import Callable, TextIO
 import torch
 from torch import nn
 
+from ..config import MixLoraConfig
+from ..model import get_mixlora_model
+
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VARIANTS = ("peft-lora", "mixlora", "mixlora-dense", "mixlora-reference")
 DISPATCH = {"mixlora": "grouped", "mixlora-dense": "dense", "mixlora-reference": "reference"}
@@ -75,9 +78,6 @@ def build_variant(name: str, shape: BenchShape, *, device: str, dtype: torch.dty
         return get_peft_model(base, LoraConfig(
             r=shape.rank, lora_alpha=shape.alpha, lora_dropout=shape.dropout,
             target_modules=list(LLAMA_PROJECTIONS), task_type="CAUSAL_LM"))
-    from .config import MixLoraConfig
-    from .model import get_mixlora_model
-
     model = get_mixlora_model(base, MixLoraConfig(
         r=shape.rank, lora_alpha=shape.alpha, lora_dropout=shape.dropout, target_modules=list(LLAMA_PROJECTIONS),
         num_experts=shape.experts, top_k=shape.top_k))

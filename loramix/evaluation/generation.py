@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from .data import Encoder, Example, pad_token_id
+from ..data import Encoder, Example, pad_token_id
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

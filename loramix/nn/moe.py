@@ -7,11 +7,11 @@ import functools
 import torch
 from torch import nn
 
-from .dense import dense_expert_mix
+from .dispatch.dense import dense_expert_mix
 from .experts import ExpertLoras
-from .fused import PairMix, PairMixSpec, sort_pairs
-from .families import FUSED_GATED, GATED, Family, projection_shape, projection_weight
-from .reference import reference_expert_mix
+from .dispatch.grouped import PairMix, PairMixSpec, sort_pairs
+from ..families import FUSED_GATED, GATED, Family, projection_shape, projection_weight
+from .dispatch.per_expert import reference_expert_mix
 from .routing import NO_EXPERT, TopKRouter
 
 DISPATCHES = ("grouped", "dense", "reference")

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from .data import Encoder, Example, collate, pad_token_id
-from .errors import LoramixError
+from ..data import Encoder, Example, collate, pad_token_id
+from ..errors import LoramixError
 
 
 @dataclass

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .experts import ExpertLoras
+from ..experts import ExpertLoras
 
 
 def stacked_a(lora: ExpertLoras) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from .config import MixLoraConfig
+    from ..config import MixLoraConfig
 
 NO_EXPERT = -1
 

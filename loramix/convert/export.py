@@ -18,12 +18,12 @@ import torch
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 from transformers.core_model_loading import revert_weight_conversion
 
-from . import modelfiles
-from .errors import LoramixError
-from .families import GATED
-from .merge import (Tensors, base_parameter_count, base_tensors, cast, check_unquantised, expert_merged_weight,
+from ..errors import LoramixError
+from ..families import GATED
+from ..io import model_folder
+from ..nn.moe import MixLoraFFN
+from .fold import (Tensors, base_parameter_count, base_tensors, cast, check_unquantised, expert_merged_weight,
                     model_dtype)
-from .moe import MixLoraFFN
 
 # Config keys that are not copied from the base (set by the export, or bookkeeping; the weights are
 # written dequantised, so a GGUF base's quantization_config does not apply).
@@ -236,10 +236,10 @@ class ExportSummary:
         return "\n".join([
             f"exported {self.architecture} to {self.path} ({len(self.files)} weight file(s), "
             f"{str(self.dtype).removeprefix('torch.')})",
-            f"size: {self.num_params:,d} params, {modelfiles.format_bytes(self.num_bytes)} vs the base model's "
-            f"{self.base_params:,d} params, {modelfiles.format_bytes(self.base_bytes)}: {ratio:.2f}x "
+            f"size: {self.num_params:,d} params, {model_folder.format_bytes(self.num_bytes)} vs the base model's "
+            f"{self.base_params:,d} params, {model_folder.format_bytes(self.base_bytes)}: {ratio:.2f}x "
             f"(every MoE layer holds {self.num_experts} copies of the FFN)",
-            modelfiles.tokenizer_report(self.tokenizer_files),
+            model_folder.tokenizer_report(self.tokenizer_files),
         ])
 
 
@@ -261,13 +261,13 @@ def export_moe(model, out_dir: str | os.PathLike, *, architecture: str | None = 
     config = moe_config(model, arch, dtype)
     layout = checkpoint_layout(config)
     out_dir = os.path.abspath(os.fspath(out_dir))
-    modelfiles.prepare_output_dir(out_dir, overwrite=overwrite)
+    model_folder.prepare_output_dir(out_dir, overwrite=overwrite)
     tensors = base_tensors(hf_model, lambda prefix, ffn: moe_block_tensors(prefix, ffn, arch))
-    written = modelfiles.write_safetensors(_checked(cast(tensors, dtype), layout, arch, dtype), out_dir,
+    written = model_folder.write_safetensors(_checked(cast(tensors, dtype), layout, arch, dtype), out_dir,
                                            max_shard_size=max_shard_size)
     config.save_pretrained(out_dir)
-    modelfiles.write_generation_config(hf_model, out_dir)
-    copied = modelfiles.write_tokenizer(
+    model_folder.write_generation_config(hf_model, out_dir)
+    copied = model_folder.write_tokenizer(
         tokenizer if tokenizer is not None else getattr(hf_model.config, "_name_or_path", None), out_dir)
     base_params = base_parameter_count(model)
     return ExportSummary(out_dir, arch.architecture, model.mixlora_config.num_experts, dtype, written.num_params,
