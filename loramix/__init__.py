@@ -4,9 +4,10 @@ from .config import MixLoraConfig
 from .errors import LoramixError
 from .convert.export import export_mixtral, export_moe
 from .families import FAMILIES
+from .nn.dispatch import DISPATCHES
 from .model import MixLoraModel, MixLoraModelForCausalLM, get_mixlora_model
 
 __version__ = "0.1.0"
 
-__all__ = ["FAMILIES", "LoramixError", "MixLoraConfig", "MixLoraModel", "MixLoraModelForCausalLM",
+__all__ = ["DISPATCHES", "FAMILIES", "LoramixError", "MixLoraConfig", "MixLoraModel", "MixLoraModelForCausalLM",
            "export_mixtral", "export_moe", "get_mixlora_model", "__version__"]

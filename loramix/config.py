@@ -1,4 +1,4 @@
-"""MixLoraConfig: the adapter's hyper-parameters, their validation, JSON, and upstream import."""
+"""MixLoraConfig: the adapter's hyper-parameters, their validation, JSON, and reading MoE-PEFT's adapter_config.json."""
 
 from __future__ import annotations
 
@@ -12,18 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import LoramixError
+from .nn.routing import ROUTERS
 
 INIT_CHOICES = ("original", "gaussian")
 EXPERT_LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "use_dora", "use_rslora", "init_lora_weights")
 CONFIG_NAME = "adapter_config.json"
-# Our routing names and the reference's ``routing_strategy`` for each.
-ROUTINGS = {"top_k": "mixlora", "top_p": "mixlora-dynamic", "switch": "mixlora-switch"}
-# Per-routing defaults of the fields left as None (the reference's defaults, spec section 1.2).
-ROUTING_DEFAULTS = {
-    "top_k": {"top_k": 2, "router_init_range": 0.02, "jitter_noise": 0.0},
-    "top_p": {"router_init_range": 0.02, "jitter_noise": 0.0},
-    "switch": {"top_k": 1, "router_init_range": 1.0, "jitter_noise": 0.01},
-}
+# Our routing names and the reference's ``routing_strategy`` for each (the routers own them: nn/routing.py).
+ROUTINGS = {name: router.moe_peft_name for name, router in ROUTERS.items()}
 
 
 @dataclass
@@ -36,7 +31,7 @@ class MixLoraConfig:
     ``"top_k"`` (``top_k`` experts, weights renormalised), ``"top_p"`` (experts in order of probability
     until their cumulative probability exceeds ``top_p``, weights not renormalised, ``temperature``
     divides the logits) or ``"switch"`` (one expert with capacity, see docs/variants.md).
-    Fields left as None take the routing's default (``ROUTING_DEFAULTS``).
+    Fields left as None take the routing's default (its router's ``defaults``).
     """
 
     r: int = 8
@@ -64,8 +59,8 @@ class MixLoraConfig:
     task_type: str | None = "CAUSAL_LM"
 
     def __post_init__(self) -> None:
-        if self.routing in ROUTING_DEFAULTS:
-            for key, value in ROUTING_DEFAULTS[self.routing].items():
+        if self.routing in ROUTERS:
+            for key, value in ROUTERS[self.routing].defaults.items():
                 if getattr(self, key) is None:
                     setattr(self, key, value)
         self.validate()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -12,11 +12,16 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .config import MixLoraConfig
 from .errors import LoramixError
-from .families import Family, activation_name, decoder_layers, family_for, resolve_targets
+from .families import Family, activation_name, decoder_layers, family_for, projection_shape, resolve_targets
 from .io import adapter_folder
+from .nn.dispatch import check_dispatch
+from .nn.experts import ExpertLoras
+from .nn.ffn import BaseFFN
 from .nn.lora import LoraLinear
-from .nn.moe import DISPATCHES, MixLoraFFN
-from .nn.routing import auxiliary_loss, build_router
+from .nn.moe import MixLoraFFN, collect_routing
+from .nn.routing import RoutingRecord, build_router
+
+RoutingHook = Callable[[list[RoutingRecord]], list[RoutingRecord]]
 
 
 def _inject(model: nn.Module, config: MixLoraConfig, family: Family) -> None:
@@ -31,15 +36,23 @@ def _inject(model: nn.Module, config: MixLoraConfig, family: Family) -> None:
                     getattr(attention, name), r=config.r, scaling=config.scaling(expert=False),
                     dropout=config.lora_dropout, init=config.init_lora_weights, use_dora=config.use_dora))
         mlp = getattr(layer, family.mlp)
-        activation = ACT2FN[config.act_fn] if config.act_fn else getattr(mlp, family.activation)
-        router = build_router(config, hidden_size, device=next(mlp.parameters()).device)
+        device = next(mlp.parameters()).device
+        base_ffn = BaseFFN.from_module(mlp, family, activation=ACT2FN[config.act_fn] if config.act_fn else None)
         setattr(layer, family.mlp, MixLoraFFN(
-            mlp, family=family, router=router, activation=activation,
-            jitter_noise=0.0 if config.routing == "switch" else config.jitter_noise,  # switch: the router's own
-            expert_targets=[t for t in targets if t in family.ffn_projections],
-            r=config.expert_value("r"), scaling=config.scaling(expert=True),
-            dropout=config.expert_value("lora_dropout"), init=config.expert_value("init_lora_weights"),
-            use_dora=config.expert_value("use_dora")))
+            base_ffn=base_ffn, router=build_router(config, hidden_size, device=device),
+            experts={name: _expert_loras(config, base_ffn.projection(name), device)
+                     for name in family.ffn_projections if name in targets}))
+
+
+def _expert_loras(config: MixLoraConfig, projection: nn.Module, device: torch.device) -> ExpertLoras:
+    """The E expert LoRAs of one FFN projection, DoRA magnitudes set from its weight."""
+    loras = ExpertLoras(config.num_experts, *projection_shape(projection), r=config.expert_value("r"),
+                        scaling=config.scaling(expert=True), dropout=config.expert_value("lora_dropout"),
+                        init=config.expert_value("init_lora_weights"), device=device,
+                        use_dora=config.expert_value("use_dora"))
+    if loras.lora_magnitude is not None:
+        loras.reset_magnitude(projection)
+    return loras
 
 
 class MixLoraModel(nn.Module):
@@ -59,6 +72,10 @@ class MixLoraModel(nn.Module):
         _inject(base_model, config, self.family)
         self.base_model = base_model
         self.mixlora_config = config
+        self._moe_layers = [m for m in base_model.modules() if isinstance(m, MixLoraFFN)]
+        self.routing: list[RoutingRecord] = []  # the last forward's records, one per MoE layer
+        # Called on the records before the router loss (data-parallel runs pool all processes' rows here).
+        self.routing_hook: RoutingHook | None = None
 
     # ---- HF-like surface ----------------------------------------------------------------------------
     @property
@@ -75,19 +92,19 @@ class MixLoraModel(nn.Module):
         return self.mixlora_config.act_fn or activation_name(self.base_model.config)
 
     def moe_layers(self) -> list[MixLoraFFN]:
-        return [m for m in self.base_model.modules() if isinstance(m, MixLoraFFN)]
+        return list(self._moe_layers)
 
     def router_logits(self) -> list[torch.Tensor]:
         """Per MoE layer, the fp32 ``[B*S, E]`` router logits of the last forward (pads included)."""
-        return [m.router_logits for m in self.moe_layers()]
+        return [record.logits for record in self.routing]
 
     def set_dispatch(self, dispatch: str) -> None:
-        """For every MoE layer: ``"grouped"`` (the default: sorted expert segments, fused.py), ``"dense"``
-        (sync-free masked matmuls, dense.py: faster on a GPU, about 2.3x the activations) or
-        ``"reference"`` (per-expert loop). All compute the same function (tests/test_fast_path.py)."""
-        if dispatch not in DISPATCHES:
-            raise LoramixError(f"dispatch must be one of {', '.join(map(repr, DISPATCHES))}, got {dispatch!r}")
-        for layer in self.moe_layers():
+        """Every MoE layer computes through ``dispatch`` (one of ``loramix.DISPATCHES``): ``"grouped"`` (the
+        default: sorted expert segments), ``"dense"`` (sync-free masked matmuls: faster on a GPU, more
+        activation memory) or ``"per_expert"`` (one expert at a time, straight from the formula). All compute
+        the same function (tests/test_fast_path.py)."""
+        check_dispatch(dispatch)
+        for layer in self._moe_layers:
             layer.dispatch = dispatch
 
     def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -120,27 +137,26 @@ class MixLoraModel(nn.Module):
     # ---- forward ---------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **kwargs) -> MoeCausalLMOutputWithPast:
-        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-        aux = self.aux_loss(attention_mask)
+        with collect_routing() as records:
+            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        token_mask = _token_mask(attention_mask, records)
+        self.routing = [record.with_token_mask(token_mask) for record in records]
+        aux = self.router_loss(self.routing)
         loss = out.loss
         if loss is not None and aux is not None:
             loss = loss + aux
         return MoeCausalLMOutputWithPast(
             loss=loss, aux_loss=aux, logits=out.logits, past_key_values=out.past_key_values,
-            hidden_states=out.hidden_states, attentions=out.attentions)
+            hidden_states=out.hidden_states, attentions=out.attentions,
+            router_logits=tuple(record.logits for record in self.routing))
 
-    def aux_loss(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """The router loss (routing.auxiliary_loss) over the last forward's router logits, pads masked out;
-        None if off."""
-        cfg = self.mixlora_config
-        if not cfg.router_loss:
+    def router_loss(self, records: list[RoutingRecord]) -> torch.Tensor | None:
+        """The routers' auxiliary loss over one forward's records (after ``routing_hook``); None if off."""
+        if not self.mixlora_config.router_loss or not records:
             return None
-        logits = self.router_logits()
-        token_mask = None
-        if attention_mask is not None:
-            rows = logits[0].shape[0] // attention_mask.shape[0]
-            token_mask = attention_mask[:, -rows:].reshape(-1)  # with a KV cache, the mask covers past tokens too
-        return auxiliary_loss(logits, cfg, token_mask=token_mask)
+        if self.routing_hook is not None:
+            records = self.routing_hook(records)
+        return self._moe_layers[0].router.loss(records)
 
     @torch.no_grad()
     def generate(self, *args, **kwargs):
@@ -171,6 +187,15 @@ class MixLoraModel(nn.Module):
             param.requires_grad_(is_trainable)
         model.train(is_trainable)
         return model
+
+
+def _token_mask(attention_mask: torch.Tensor | None, records: list[RoutingRecord]) -> torch.Tensor | None:
+    """``[T]``: 1 for the real tokens among the records' rows, from the ``[B, S_total]`` attention mask (with
+    a KV cache it covers past tokens too: the rows are its last ones)."""
+    if attention_mask is None or not records:
+        return None
+    rows = records[0].logits.shape[0] // attention_mask.shape[0]
+    return attention_mask[:, -rows:].reshape(-1)
 
 
 def _is_adapter_param(name: str) -> bool:

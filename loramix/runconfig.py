@@ -15,6 +15,7 @@ import yaml
 
 from .config import reject_unknown
 from .errors import LoramixError
+from .nn.dispatch import DEFAULT_DISPATCH, check_dispatch
 
 
 @dataclass
@@ -81,7 +82,7 @@ class TrainSpec:
     max_grad_norm: float | None = 1.0
     precision: str = "fp32"
     gradient_checkpointing: bool = False
-    moe_dispatch: str = "grouped"
+    moe_dispatch: str = DEFAULT_DISPATCH
     seed: int = 42
     logging_steps: int = 1
     save_steps: int = 0
@@ -107,7 +108,6 @@ class RunConfig:
 
 
 _PRECISIONS = ("fp32", "bf16")
-_MOE_DISPATCHES = ("grouped", "dense")
 _SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "polynomial", "cosine_with_restarts")
 
 
@@ -179,9 +179,7 @@ def build_run_config(raw: Any, *, source: str = "config") -> RunConfig:
     train = _build(TrainSpec, raw.get("train"), "train")
     if train.precision not in _PRECISIONS:
         raise LoramixError(f"train.precision must be one of {', '.join(_PRECISIONS)}, found {train.precision!r}")
-    if train.moe_dispatch not in _MOE_DISPATCHES:
-        raise LoramixError(f"train.moe_dispatch must be one of {', '.join(_MOE_DISPATCHES)}, "
-                           f"found {train.moe_dispatch!r}")
+    check_dispatch(train.moe_dispatch, what="train.moe_dispatch")
     if train.lr_scheduler not in _SCHEDULERS:
         raise LoramixError(f"train.lr_scheduler must be one of {', '.join(_SCHEDULERS)}, found {train.lr_scheduler!r}")
     for name in ("micro_batch_size", "gradient_accumulation_steps", "logging_steps", "eval_batch_size"):

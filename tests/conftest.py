@@ -9,6 +9,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from loramix.families import FAMILIES
+
 SHARED = Path(os.environ.get("LORAMIX_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 STORIES = SHARED / "models" / "stories260K"
 
@@ -36,6 +38,13 @@ def tiny_model(model_type: str = "llama", *, seed: int = 0, dtype: torch.dtype =
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides)).to(dtype)
     return model.eval()
+
+
+def hf_mlp(model_type: str = "llama", *, seed: int = 0, layer: int = 0):
+    """Layer ``layer``'s MLP of the plain ``tiny_model(model_type, seed=seed)``: transformers' own module, with
+    the same weights as an adapted copy's frozen FFN (an independent reference for it)."""
+    family = FAMILIES[model_type]
+    return tiny_model(model_type, seed=seed).get_submodule(f"{family.layers}.{layer}.{family.mlp}")
 
 
 def batch(seed: int = 0, rows: int = 3, length: int = 9, pad_rows: int = 1):

@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 
 import loramix
 from loramix import LoramixError, MixLoraConfig
-from loramix.nn.routing import load_balancing_loss
+from loramix.nn.routing import TopKRouter, load_balancing_loss
 
 from conftest import ALL_FAMILIES, batch, copy_into_peft, randomize_adapter, run_dispatch, tiny_model
 
@@ -80,7 +80,7 @@ def test_grouped_dispatch_equals_the_per_expert_reference(model_type, experts, t
     labels = ids.masked_fill(mask == 0, -100)
 
     fast, fast_grads = run_dispatch(model, "grouped", input_ids=ids, attention_mask=mask, labels=labels)
-    ref, ref_grads = run_dispatch(model, "reference", input_ids=ids, attention_mask=mask, labels=labels)
+    ref, ref_grads = run_dispatch(model, "per_expert", input_ids=ids, attention_mask=mask, labels=labels)
     torch.testing.assert_close(fast.logits, ref.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast.aux_loss, ref.aux_loss)
     for name in ref_grads:
@@ -98,9 +98,10 @@ def test_aux_loss_equals_a_hand_computation():
     fraction = [sum(e in c for c in chosen) / len(rows) for e in range(3)]
     mean_prob = [sum(p[e] for p in probs) / len(rows) for e in range(3)]
     expected = 3 * sum(f * p for f, p in zip(fraction, mean_prob))
-    got = load_balancing_loss([layer0, layer1], top_k=2, token_mask=mask)
+    router = TopKRouter(3, 3, top_k=2, init_range=0.02)
+    got = load_balancing_loss([router.route(z).with_token_mask(mask) for z in (layer0, layer1)])
     assert got.item() == pytest.approx(expected, rel=1e-6)
-    balanced = load_balancing_loss([torch.zeros(4, 4)], top_k=2)
+    balanced = load_balancing_loss([TopKRouter(4, 4, top_k=2, init_range=0.02).route(torch.zeros(4, 4))])
     assert balanced.item() == pytest.approx(2.0)  # == top_k when perfectly balanced
 
 

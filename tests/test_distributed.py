@@ -14,8 +14,8 @@ import torch
 import yaml
 from helpers_cli import adapter_tensors, tiny_llama_dir, tiny_run_config, toy_classification
 
-from loramix import MixLoraConfig
 from loramix.data import collate
+from loramix.nn.routing import TopKRouter
 from loramix.training.distributed import DataParallel, RouterLoad, make_accelerator, predicted_tokens
 from loramix.errors import LoramixError
 from loramix.runconfig import build_run_config
@@ -137,12 +137,12 @@ def test_rows_split_a_global_batch_and_stand_in_rows_carry_no_loss():
 
 def test_router_load_balance():
     load = RouterLoad()
+    top1 = TopKRouter(4, 4, top_k=1, init_range=0.02)
     balanced = torch.eye(4).repeat(2, 1)  # 8 tokens, top-1: two per expert
-    top1 = MixLoraConfig(num_experts=4, top_k=1)
-    load.add([balanced, torch.eye(4)[[0] * 8]], torch.ones(8), top1)
+    load.add([top1.route(z).with_token_mask(torch.ones(8)) for z in (balanced, torch.eye(4)[[0] * 8])])
     assert load.summary() == {"router_balance": pytest.approx(0.5)}  # layer 0 even (1), layer 1 one expert (0)
     assert load.summary() == {}
-    load.add([balanced], torch.tensor([1, 1, 1, 1, 0, 0, 0, 0]), top1)  # masked tokens are not counted
+    load.add([top1.route(balanced).with_token_mask(torch.tensor([1, 1, 1, 1, 0, 0, 0, 0]))])  # masked: not counted
     assert load.summary()["router_balance"] == pytest.approx(1.0)
 
 

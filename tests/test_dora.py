@@ -1,6 +1,5 @@
 """DoRA (attention) and MixDoRA (experts): equal to HF PEFT's DoRA, trained, saved, reloaded, read by the reference."""
 
-import copy
 import json
 
 import pytest
@@ -10,7 +9,7 @@ from peft import LoraConfig, get_peft_model, inject_adapter_in_model
 import loramix
 from loramix import LoramixError, MixLoraConfig
 
-from conftest import batch, copy_into_peft, randomize_adapter, reference_package_logits, tiny_model
+from conftest import batch, copy_into_peft, hf_mlp, randomize_adapter, reference_package_logits, tiny_model
 
 ATTENTION = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "phi": ["q_proj", "k_proj", "v_proj", "dense"],
              "phi3": ["qkv_proj", "o_proj"], "gpt2": ["c_attn"]}
@@ -87,7 +86,7 @@ def test_mixdora_layer_equals_a_weighted_sum_of_peft_dora_mlps(model_type):
     for e in range(3):
         mlp = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
                                                  use_dora=True, fan_in_fan_out=model_type == "gpt2"),
-                                      copy.deepcopy(ffn.base)).eval()
+                                      hf_mlp(model_type)).eval()
         with torch.no_grad():
             for name, lora in ffn.experts.items():
                 module = getattr(mlp, name)
@@ -169,7 +168,7 @@ def _reference_style_dora(model):
 
 
 def test_a_reference_dora_file_loads_as_the_reference_runs_it(tmp_path):
-    """The reference recomputes m = ||W + sBA|| on load (spec 3.3), so its DoRA file acts as LoRA with the same A, B."""
+    """The reference recomputes m = ||W + sBA|| on load, so its DoRA file acts as LoRA with the same A, B."""
     model = mixdora("llama")
     randomize_adapter(model)
     _reference_style_dora(model)

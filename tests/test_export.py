@@ -113,11 +113,11 @@ def test_expert_weights_are_the_formula(tmp_path):
     s = 8 / 4 ** 0.5
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as fh:
         for e in range(4):
-            want = ffn.base.up_proj.weight + s * loras.lora_B[e] @ loras.lora_A[e]
+            want = ffn.base_ffn.up_proj.weight + s * loras.lora_B[e] @ loras.lora_A[e]
             torch.testing.assert_close(fh.get_tensor(f"model.layers.1.block_sparse_moe.experts.{e}.w3.weight"),
                                        want, rtol=0, atol=1e-6)
             torch.testing.assert_close(fh.get_tensor(f"model.layers.1.block_sparse_moe.experts.{e}.w1.weight"),
-                                       ffn.base.gate_proj.weight, rtol=0, atol=0)
+                                       ffn.base_ffn.gate_proj.weight, rtol=0, atol=0)
 
 
 def test_partial_targets_expert_overrides_and_top1(tmp_path):

@@ -1,4 +1,4 @@
-"""The fast MoE path (loramix/fused.py) against the per-expert reference and a per-pair formula; the benchmark.
+"""The MoE dispatch paths (loramix/nn/dispatch/) against the per-expert reference and a per-pair formula; the benchmark.
 
 The model-level parity tests run on ``LORAMIX_TEST_DEVICE`` (default ``cpu``; CI's): on a GPU machine,
 ``LORAMIX_TEST_DEVICE=cuda pytest tests/test_fast_path.py`` checks the same parity there."""
@@ -45,7 +45,7 @@ def assert_parity(model, fast, *, rtol, atol, grad_rtol, grad_atol, rows=3, pad_
     ids, mask = batch(rows=rows, pad_rows=pad_rows)
     labels = ids.masked_fill(mask == 0, -100)
     fast, fast_grads = run_dispatch(model, fast, input_ids=ids, attention_mask=mask, labels=labels)
-    ref, ref_grads = run_dispatch(model, "reference", input_ids=ids, attention_mask=mask, labels=labels)
+    ref, ref_grads = run_dispatch(model, "per_expert", input_ids=ids, attention_mask=mask, labels=labels)
     torch.testing.assert_close(fast.logits, ref.logits, rtol=rtol, atol=atol)
     torch.testing.assert_close(fast.aux_loss, ref.aux_loss, rtol=rtol, atol=atol)
     torch.testing.assert_close(fast.loss, ref.loss, rtol=rtol, atol=atol)
@@ -104,7 +104,7 @@ def test_dispatch_defaults_to_grouped_and_names_are_checked():
     assert {layer.dispatch for layer in model.moe_layers()} == {"grouped"}
     model.set_dispatch("dense")
     assert {layer.dispatch for layer in model.moe_layers()} == {"dense"}
-    with pytest.raises(LoramixError, match="dispatch must be one of 'grouped', 'dense', 'reference', got 'sorted'"):
+    with pytest.raises(LoramixError, match="dispatch must be one of 'grouped', 'dense', 'per_expert', got 'sorted'"):
         model.set_dispatch("sorted")
 
 
@@ -116,7 +116,7 @@ def test_single_token_decode_steps_and_generate_match_the_reference(fast):
                   output_logits=True, return_dict_in_generate=True)
     model.set_dispatch(fast)
     got = model.generate(**kwargs)  # each decode step routes T = 2 tokens: most experts get none
-    model.set_dispatch("reference")
+    model.set_dispatch("per_expert")
     ref = model.generate(**kwargs)
     assert torch.equal(got.sequences, ref.sequences)
     for fast_step, ref_step in zip(got.logits, ref.logits):
@@ -148,7 +148,7 @@ def test_dropout_is_active_in_training_only():
     model.eval()
     with torch.no_grad():
         fast = model(input_ids=ids, attention_mask=mask).logits
-        model.set_dispatch("reference")
+        model.set_dispatch("per_expert")
         torch.testing.assert_close(fast, model(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
 
 
@@ -250,7 +250,7 @@ def test_bench_command_prints_medians_memory_and_ratios_to_peft(tmp_path, capsys
     result = json.loads(capsys.readouterr().out)
     assert json.loads(out.read_text()) == result
     assert result["shape"]["hidden"] == 32 and result["shape"]["rank"] == 4
-    assert set(result["results"]) == {"peft-lora", "mixlora", "mixlora-dense", "mixlora-reference"}
+    assert set(result["results"]) == {"peft-lora", *(f"mixlora-{name}" for name in loramix.DISPATCHES)}
     for res in result["results"].values():
         assert res["train_step_s"] > 0 and res["inference_forward_s"] > 0 and res["peak_step_extra_mb"] > 0
         assert set(res["ratio_to_peft_lora"]) == {"train_step", "inference_forward", "peak_step_extra",

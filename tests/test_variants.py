@@ -1,7 +1,6 @@
 """Top-p and switch routing: selection on hand-made rows, capacity, their losses, the fast path against the
 per-expert path and against per-expert PEFT LoRA MLPs, configs and files, and every variant training."""
 
-import copy
 import json
 import math
 
@@ -11,10 +10,10 @@ from peft import LoraConfig, inject_adapter_in_model
 
 import loramix
 from loramix import LoramixError, MixLoraConfig
-from loramix.nn.routing import NO_EXPERT, SwitchRouter, expert_choices, load_balancing_loss, route_top_p, top_p_mask, \
-    within_capacity, z_loss
+from loramix.nn.routing import NO_EXPERT, SwitchRouter, TopPRouter, build_router, load_balancing_loss, route_top_p, \
+    top_p_mask, within_capacity, z_loss
 
-from conftest import batch, randomize_adapter, run_dispatch, tiny_model
+from conftest import batch, hf_mlp, randomize_adapter, run_dispatch, tiny_model
 
 
 def variant(model_type="llama", *, seed=0, **cfg):
@@ -36,14 +35,14 @@ def test_top_p_selection(row, top_p, kept):
     probs = torch.tensor([row])
     sorted_probs, order, keep = top_p_mask(probs, top_p)
     assert order[0][keep[0]].tolist() == kept
-    weights, experts = route_top_p(probs, top_p)
+    weights, experts, _ = route_top_p(probs, top_p)
     assert experts[0, :len(kept)].tolist() == kept
     assert weights[0].tolist() == [row[e] for e in kept] + [0.0] * (weights.shape[1] - len(kept))
 
 
 def test_route_top_p_pads_rows_to_the_longest_selection_with_zero_weights():
     probs = torch.tensor([[0.75, 0.125, 0.0625, 0.0625], [0.25, 0.25, 0.25, 0.25]])
-    weights, experts = route_top_p(probs, 0.5)
+    weights, experts, _ = route_top_p(probs, 0.5)
     assert weights.tolist() == [[0.75, 0.0, 0.0], [0.25, 0.25, 0.25]]     # not renormalised
     assert experts.tolist() == [[0, 1, 2], [0, 1, 2]]
 
@@ -52,19 +51,22 @@ def test_top_p_temperature_divides_the_logits():
     model = variant(routing="top_p", top_p=0.9, temperature=2.0)
     router = model.moe_layers()[0].router
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
-    logits, weights, experts = router(x)
+    record = router(x)
+    weights, experts = record.weights, record.experts
     probs = torch.softmax(x @ router.weight.T / 2.0, dim=-1)
     torch.testing.assert_close(weights.sum(-1), probs.gather(1, experts).sum(-1))
     assert (weights.sum(-1) > 0.9 - 1e-6).all() and (weights.sum(-1) <= 1 + 1e-6).all()
 
 
-def test_expert_choices_follow_the_routing():
+def test_recorded_selections_follow_the_routing():
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.0625, 0.0625, 0.125, 0.75]]))
-    top_p = MixLoraConfig(routing="top_p", top_p=0.6, num_experts=4)
-    assert expert_choices(logits, top_p).tolist() == [[1, 1, 0, 0], [0, 0, 0, 1]]
-    assert expert_choices(logits, MixLoraConfig(num_experts=4, top_k=2)).tolist() == [[1, 1, 0, 0], [0, 0, 1, 1]]
-    assert expert_choices(logits, MixLoraConfig(num_experts=4, routing="switch")).tolist() == [[1, 0, 0, 0],
-                                                                                               [0, 0, 0, 1]]
+
+    def selected(**cfg):
+        return build_router(MixLoraConfig(num_experts=4, **cfg), 8).eval().route(logits).selected.tolist()
+
+    assert selected(routing="top_p", top_p=0.6) == [[1, 1, 0, 0], [0, 0, 0, 1]]
+    assert selected(top_k=2) == [[1, 1, 0, 0], [0, 0, 1, 1]]
+    assert selected(routing="switch") == [[1, 0, 0, 0], [0, 0, 0, 1]]
 
 
 # ---- switch capacity ----------------------------------------------------------------------------------------
@@ -81,7 +83,7 @@ def test_capacity_rule():
     assert router.capacity(10) == 2
 
 
-@pytest.mark.parametrize("dispatch", ["grouped", "dense", "reference"])
+@pytest.mark.parametrize("dispatch", ["grouped", "dense", "per_expert"])
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 def test_switch_overflow_gets_the_frozen_ffn_in_training_and_nothing_is_dropped_in_eval(model_type, dispatch):
     model = variant(model_type, routing="switch", jitter_noise=0.0, capacity_factor=1.0)
@@ -92,7 +94,7 @@ def test_switch_overflow_gets_the_frozen_ffn_in_training_and_nothing_is_dropped_
         ffn.router.weight.zero_()  # uniform probabilities: every token picks expert 0 with weight 1/4
     x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        frozen = ffn.base(x) / 4                 # transformers' own MLP
+        frozen = hf_mlp(model_type)(x) / 4       # transformers' own MLP
         ffn.router.train()                       # capacity applies in training (dropouts stay off to compare)
         got = ffn(x)
         capacity = math.ceil(8 / 4)
@@ -100,7 +102,7 @@ def test_switch_overflow_gets_the_frozen_ffn_in_training_and_nothing_is_dropped_
         assert (got[:, :capacity] - frozen[:, :capacity]).abs().amax() > 1e-3   # the expert delta is there
         ffn.router.eval()
         evaluated = ffn(x)
-        expert0 = _expert_mlps(ffn)[0](x) / 4
+        expert0 = _expert_mlps(ffn, model_type)[0](x) / 4
     torch.testing.assert_close(evaluated[:, :capacity], got[:, :capacity])
     torch.testing.assert_close(evaluated, expert0, rtol=1e-5, atol=1e-6)
 
@@ -108,25 +110,28 @@ def test_switch_overflow_gets_the_frozen_ffn_in_training_and_nothing_is_dropped_
 def test_switch_jitter_reaches_the_router_only_and_only_in_training():
     model = variant(routing="switch")          # reference defaults: jitter 0.01, init range 1.0
     ffn = model.moe_layers()[0]
-    assert (ffn.router.jitter_noise, ffn.jitter_noise) == (0.01, 0.0)
+    assert ffn.router.jitter_noise == 0.01
     assert ffn.router.weight.std().item() == pytest.approx(1.0, rel=0.2)
     x = torch.randn(1, 6, 32)
     ffn.eval()
-    assert torch.equal(ffn.router(x[0])[0], ffn.router(x[0])[0])
+    assert torch.equal(ffn.router(x[0]).logits, ffn.router(x[0]).logits)
     ffn.train()
-    assert not torch.equal(ffn.router(x[0])[0], ffn.router(x[0])[0])
+    u = x[0]
+    assert ffn.router.jitter(u) is u  # the experts see the FFN input unchanged
+    assert not torch.equal(ffn.router(x[0]).logits, ffn.router(x[0]).logits)
 
 
 # ---- against the per-expert path and against per-expert PEFT MLPs ---------------------------------------------
-def _expert_mlps(ffn):
-    """Expert e as transformers' MLP with PEFT's LoRA carrying expert e's weights on the targeted projections."""
-    gpt2 = type(ffn.projection(ffn.output_name)).__name__ == "Conv1D"
+def _expert_mlps(ffn, model_type):
+    """Expert e as transformers' MLP with PEFT's LoRA carrying expert e's weights on the targeted projections
+    (``ffn``: layer 0 of a ``variant(model_type)``)."""
+    gpt2 = model_type == "gpt2"
     mlps = []
     for e in range(ffn.num_experts):
         lora = next(iter(ffn.experts.values()))
         mlp = inject_adapter_in_model(LoraConfig(r=lora.rank, lora_alpha=lora.scaling * lora.rank, lora_dropout=0.0,
                                                  target_modules=list(ffn.experts), fan_in_fan_out=gpt2),
-                                      copy.deepcopy(ffn.base)).eval()
+                                      hf_mlp(model_type)).eval()
         with torch.no_grad():
             for name, expert_lora in ffn.experts.items():
                 getattr(mlp, name).lora_A["default"].weight.copy_(expert_lora.lora_A[e])
@@ -135,9 +140,9 @@ def _expert_mlps(ffn):
     return mlps
 
 
-def _formula(ffn, x, select):
+def _formula(ffn, model_type, x, select):
     """``sum over select(probability row) of (expert, weight)`` of the expert MLPs, token by token."""
-    mlps = _expert_mlps(ffn)
+    mlps = _expert_mlps(ffn, model_type)
     rows = x.reshape(-1, x.shape[-1])
     out = []
     for token, probs in zip(rows, torch.softmax(rows @ ffn.router.weight.T, dim=-1)):
@@ -175,8 +180,8 @@ def test_variant_equals_its_formula_on_peft_expert_mlps(model_type, routing):
     x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(2))
     select = _hand_top_p(0.6) if routing == "top_p" else _hand_switch
     with torch.no_grad():
-        expected = _formula(ffn, x, select)
-        for dispatch in ("grouped", "dense", "reference"):
+        expected = _formula(ffn, model_type, x, select)
+        for dispatch in ("grouped", "dense", "per_expert"):
             ffn.dispatch = dispatch
             torch.testing.assert_close(ffn(x), expected, rtol=1e-5, atol=1e-5, msg=dispatch)
 
@@ -197,10 +202,10 @@ def test_fast_path_equals_the_per_expert_reference_in_training(model_type, cfg, 
         ffn.router.train()  # switch capacity is a training rule; the model's dropouts stay off to compare
 
     over_capacity = []
-    hooks = [ffn.router.register_forward_hook(lambda m, args, out: over_capacity.append((out[2] == NO_EXPERT).any()))
+    hooks = [ffn.router.register_forward_hook(lambda m, args, out: over_capacity.append((out.experts == NO_EXPERT).any()))
              for ffn in model.moe_layers()]
     fast, fast_grads = run_dispatch(model, fast_dispatch, input_ids=ids, attention_mask=mask, labels=labels)
-    ref, ref_grads = run_dispatch(model, "reference", input_ids=ids, attention_mask=mask, labels=labels)
+    ref, ref_grads = run_dispatch(model, "per_expert", input_ids=ids, attention_mask=mask, labels=labels)
     for hook in hooks:
         hook.remove()
     torch.testing.assert_close(fast.logits, ref.logits, rtol=1e-5, atol=1e-5)
@@ -219,7 +224,8 @@ def test_top_p_aux_loss_equals_a_hand_computation():
     fraction = torch.tensor([1, 1, 0, 1]) / 2
     mean_prob = (torch.tensor([0.5, 0.25, 0.125, 0.125]) + torch.tensor([0.0625, 0.0625, 0.125, 0.75])) / 2
     expected = 4 * (fraction * mean_prob).sum()
-    got = load_balancing_loss([logits], top_p=0.6, token_mask=mask)
+    record = TopPRouter(4, 4, top_p=0.6, temperature=1.0, init_range=0.02).route(logits).with_token_mask(mask)
+    got = load_balancing_loss([record])
     torch.testing.assert_close(got, expected)
 
 
@@ -227,14 +233,14 @@ def test_switch_loss_adds_the_z_loss():
     logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 5.0], [9.0, 9.0, 9.0]])
     mask = torch.tensor([1, 1, 0])
     z = torch.stack([torch.logsumexp(r, 0) ** 2 for r in logits[:2]]).mean()
-    torch.testing.assert_close(z_loss([logits], token_mask=mask), z)
+    record = SwitchRouter(3, 3, capacity_factor=1.0, expert_capacity=None, jitter_noise=0.0, init_range=1.0).eval()
+    torch.testing.assert_close(z_loss([record.route(logits).with_token_mask(mask)]), z)
     model = variant(routing="switch", router_aux_loss_coef=0.01, router_z_loss_coef=0.1)
     ids, mask = batch()
     model.eval()
     out = model(input_ids=ids, attention_mask=mask)
-    logits = model.router_logits()
-    expected = 0.01 * load_balancing_loss(logits, top_k=1, token_mask=mask.reshape(-1)) + \
-        0.1 * z_loss(logits, token_mask=mask.reshape(-1))
+    records = [r.with_token_mask(mask.reshape(-1)) for r in model.routing]
+    expected = 0.01 * load_balancing_loss(records) + 0.1 * z_loss(records)
     torch.testing.assert_close(out.aux_loss, expected)
 
 

@@ -102,19 +102,13 @@ def architecture_for(model_type: str, requested: str | None = None) -> MoeArchit
 
 def check_exportable(model) -> None:
     """Refuse adapters whose routing or FFN a fixed top-k MoE cannot reproduce exactly."""
-    routing = getattr(model.mixlora_config, "routing", "top_k")
-    if routing == "top_p":
-        raise LoramixError("export: top-p routing picks a varying number of experts per token; Mixtral and "
-                           "Qwen-MoE route to a fixed top-k, so the exported model would differ")
-    if routing == "switch":
-        raise LoramixError("export: switch routing sends tokens over expert capacity to the plain base FFN; "
-                           "Mixtral and Qwen-MoE have no capacity limit, so the exported model would differ")
-    if routing != "top_k":
-        raise LoramixError(f"export: routing {routing!r} cannot be exported (only top_k)")
+    refusal = model.moe_layers()[0].router.export_refusal
+    if refusal:
+        raise LoramixError(f"export: {refusal}")
     if model.family.ffn_kind != GATED:
         raise LoramixError(f"export: the base's FFN is {model.family.ffn_kind!r}; MoE exports need a gated FFN")
     for layer in model.moe_layers():
-        for name in layer.input_names + (layer.output_name,):
+        for name in (*layer.base_ffn.input_names, layer.base_ffn.output_name):
             if getattr(layer.projection(name), "bias", None) is not None:
                 raise LoramixError(f"export: the base FFN's {name} has a bias, which the MoE experts cannot hold")
 
@@ -192,7 +186,7 @@ def moe_block_tensors(prefix: str, ffn: MixLoraFFN, arch: MoeArchitecture) -> Te
     block = f"{prefix.rpartition('.')[0]}.{arch.moe_block}"
     yield f"{block}.gate.weight", ffn.router.weight
     for expert in range(ffn.num_experts):
-        for name in ffn.input_names + (ffn.output_name,):
+        for name in (*ffn.base_ffn.input_names, ffn.base_ffn.output_name):
             yield f"{block}.experts.{expert}.{arch.expert_names[name]}.weight", expert_merged_weight(ffn, name, expert)
 
 

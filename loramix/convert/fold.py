@@ -59,7 +59,7 @@ def expert_merged_weight(ffn: MixLoraFFN, name: str, expert: int) -> torch.Tenso
 
 def dense_ffn_tensors(prefix: str, ffn: MixLoraFFN, *, expert: int | None) -> Tensors:
     """The FFN's tensors under its original names: the base FFN (``expert=None``) or expert ``expert``'s."""
-    for key, tensor in ffn.base.state_dict().items():
+    for key, tensor in ffn.base_ffn.state_dict().items():
         name, _, kind = key.rpartition(".")
         if expert is not None and kind == "weight" and name in ffn.experts:
             tensor = expert_merged_weight(ffn, name, expert)

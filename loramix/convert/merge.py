@@ -44,11 +44,9 @@ class MergeSummary:
 def full_merge_refusal(model) -> str | None:
     """Why no dense model equals ``model`` (None when one does: every token gets the same FFN at weight 1)."""
     cfg = model.mixlora_config
-    routing = getattr(cfg, "routing", "top_k")
-    if routing == "switch":
-        return "switch routing gives tokens over expert capacity the plain FFN, which no dense model can do"
-    if routing == "top_p" and cfg.num_experts > 1:
-        return "top-p routing weighs experts by their unrenormalised probabilities, which no dense model can do"
+    refusal = model.moe_layers()[0].router.dense_merge_refusal()
+    if refusal:
+        return refusal
     if cfg.num_experts > 1 and any(layer.experts for layer in model.moe_layers()):
         return f"this adapter has {cfg.num_experts} different experts, which a dense model cannot hold"
     return None
@@ -88,7 +86,7 @@ def merge_adapter(model, out_dir: str | os.PathLike, *, what: str = "all", dtype
     refusal = full_merge_refusal(model) if what == "all" else None
     if refusal:
         raise LoramixError(f"merge: {refusal}; merge the attention LoRAs only (--attention-only)"
-                           + ("" if getattr(model.mixlora_config, "routing", "top_k") == "switch"
+                           + ("" if model.moe_layers()[0].router.export_refusal
                               else " or export it as a MoE model (loramix export)"))
     out_dir = os.path.abspath(os.fspath(out_dir))
     hf_model = model.base_model

@@ -1,4 +1,4 @@
-"""The commonsense tasks the paper reports, with the reference prompts (spec section 8) and the LLM-Adapters files.
+"""The commonsense tasks the paper reports, with the reference implementation's prompts and the LLM-Adapters files.
 
 Two sources feed the same task names:
 * records in the original (hub) schema, rendered with the reference prompts: the prompt ends at "Answer:"

@@ -2,7 +2,7 @@
 
 For each scored Example the candidates are tokenised as they follow the prompt. Their longest common token
 prefix is appended to the prompt (for single-token labels such as " A" / " true" it is empty, which is the
-reference scoring of spec section 8); the *label* prediction is the argmax of the next-token logits over
+reference implementation's scoring); the *label* prediction is the argmax of the next-token logits over
 each candidate's first distinguishing token. The *loglik* prediction is the argmax of each candidate's summed
 log-probability (one extra row per candidate only when some candidate is longer than one token).
 """

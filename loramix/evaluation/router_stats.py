@@ -1,7 +1,8 @@
 """Router statistics: per layer, expert and task, the share of routed tokens and the routing entropy.
 
 For each task the model reads its examples (prompt + answer, as in training); for every non-pad token and
-every MoE layer the router's softmax ``p`` and top-k choice are recorded. Reported per layer:
+every MoE layer the router's softmax ``p`` and its choice of experts (the routing records' ``selected``)
+are counted. Reported per layer:
 
 * ``share[e]``: fraction of the (token, slot) choices that went to expert ``e`` (sums to 1; uniform = 1/E);
 * ``entropy``: mean over tokens of H(p) in nats (log E = undecided router, 0 = one expert certain);
@@ -17,7 +18,7 @@ import torch
 
 from ..data import Encoder, Example, collate, pad_token_id
 from ..errors import LoramixError
-from ..nn.routing import expert_choices
+from ..nn.routing import RoutingRecord
 
 
 class _Accumulator:
@@ -28,14 +29,14 @@ class _Accumulator:
         self.entropy = torch.zeros(layers, dtype=torch.float64)
         self.tokens = 0
 
-    def add(self, logits: list[torch.Tensor], mask: torch.Tensor, config: Any) -> None:
-        """``logits``: per layer ``[N, E]`` fp32 (rows of this task only); ``mask``: ``[N]`` bool, True = real token;
-        ``config``: the MixLoraConfig, whose routing (top-k, top-p, switch) decides the choices."""
-        for i, z in enumerate(logits):
-            p = torch.softmax(z[mask].double(), dim=-1)  # [n, E]
-            self.counts[i] += expert_choices(z[mask], config).sum(dim=0).double()
+    def add(self, records: list[RoutingRecord]) -> None:
+        """One forward's records (rows of this task only), each with its token mask."""
+        for i, record in enumerate(records):
+            real = record.token_mask.bool()
+            p = torch.softmax(record.logits[real].double(), dim=-1)  # [n, E]
+            self.counts[i] += record.selected[real].sum(dim=0).double()
             self.entropy[i] += -(p * p.clamp_min(1e-30).log()).sum()
-        self.tokens += int(mask.sum())
+        self.tokens += int(records[0].token_mask.sum())
 
     def report(self) -> dict[str, Any]:
         share = self.counts / self.counts.sum(-1, keepdim=True).clamp_min(1)
@@ -48,7 +49,7 @@ class _Accumulator:
 @torch.inference_mode()
 def router_statistics(model: Any, encoder: Encoder, examples: list[Example], *, batch_size: int = 8) -> dict[str, Any]:
     """``{"num_experts", "top_k", "max_entropy", "tasks": {task: {"tokens", "layers": [...]}}}``; task "all" pools all."""
-    if not hasattr(model, "router_logits"):
+    if not hasattr(model, "routing"):
         raise LoramixError("router statistics need a MixLoRA adapter (this model has no routers)")
     cfg = model.mixlora_config
     n_layers = len(model.moe_layers())
@@ -64,10 +65,10 @@ def router_statistics(model: Any, encoder: Encoder, examples: list[Example], *, 
             feats = [{"input_ids": encoder.encode_train(e)["input_ids"]} for e in items[start:start + batch_size]]
             batch = collate(feats, pad)
             model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-            logits = [z.float().cpu() for z in model.router_logits()]
-            mask = batch["attention_mask"].reshape(-1).bool()
+            records = [RoutingRecord(r.logits.float().cpu(), None, None, r.selected.cpu(), r.token_mask.cpu())
+                       for r in model.routing]
             for key in (task, "all"):
-                acc[key].add(logits, mask, cfg)
+                acc[key].add(records)
     return {"num_experts": cfg.num_experts, "top_k": cfg.top_k, "max_entropy": math.log(cfg.num_experts),
             "tasks": {t: a.report() for t, a in acc.items()}}
 

@@ -80,7 +80,7 @@ def load_adapter_weights(model: "MixLoraModel", directory: str) -> None:
     else:
         raise LoramixError(f"{directory}: no adapter weights ({SAFETENSORS_NAME} or {moe_peft.WEIGHTS_NAME})")
     _copy_into(model, tensors, source)
-    if source == moe_peft_path:  # the reference's DoRA magnitude is ||W + s B A||_row of the loaded A, B (spec 3.3)
+    if source == moe_peft_path:  # the reference's DoRA magnitude is ||W + s B A||_row of the loaded A, B
         with torch.no_grad():
             for name, magnitude, recomputed in moe_peft.dora_magnitudes(model):
                 magnitude.copy_(recomputed)

@@ -1,7 +1,7 @@
 """The MoE-PEFT adapter layout (the reference implementation's; the ``mixlora`` package reads it).
 
-``adapter_config.json`` with MoE-PEFT's keys (spec section 1.4) + ``adapter_model.bin``, a ``torch.save`` of
-per-expert fp32 tensors named as in spec section 7 (``mixlora.layers.{i}.mlp.{proj}.experts.{e}.lora_A.weight``).
+``adapter_config.json`` with MoE-PEFT's keys + ``adapter_model.bin``, a ``torch.save`` of
+per-expert fp32 tensors named as MoE-PEFT names them (``mixlora.layers.{i}.mlp.{proj}.experts.{e}.lora_A.weight``).
 The reference stores no DoRA magnitude: it recomputes ``||W + s B A||_row`` on load.
 """
 
@@ -11,28 +11,24 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import ROUTINGS
 from ..errors import LoramixError
 from ..families import resolve_targets
 from ..nn.lora import LoraLinear
 from ..nn.moe import MixLoraFFN
+from ..nn.routing import ROUTERS
 
 if TYPE_CHECKING:
     from ..model import MixLoraModel
 
 WEIGHTS_NAME = "adapter_model.bin"
-# The reference's target-name order (spec 1.1): exported lists and per-layer FFN keys follow it.
+# The reference's target-name order: exported lists and per-layer FFN keys follow it.
 TARGET_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj", "dense",
                 "fc1", "fc2", "qkv_proj", "gate_up_proj", "dense_h_to_4h", "dense_4h_to_h")
 
 
 def config_dict(model: "MixLoraModel") -> dict:
-    """The reference ``adapter_config.json`` in its key order (spec 1.4).
-
-    Refuses what the reference cannot express: a top-p temperature (it divides probabilities, we divide
-    logits). Switch capacity is written only as an ``expert_capacity`` we were given (else the reference
-    falls back to its 32 per sequence, which only matters if training continues there).
-    """
+    """The reference ``adapter_config.json`` in its key order; the routing's own keys come from its
+    router class, which refuses what the reference cannot express (a top-p temperature)."""
     cfg = model.mixlora_config
     out: dict = {}
     if cfg.use_dora:
@@ -49,18 +45,9 @@ def config_dict(model: "MixLoraModel") -> dict:
             if cfg.expert_value(key) or cfg.expert_value(key) != getattr(cfg, key):
                 expert[key] = cfg.expert_value(key)
         out["expert_lora"] = expert
-    out.update(routing_strategy=ROUTINGS[cfg.routing], num_experts=cfg.num_experts, act_fn=model.activation_name)
-    if cfg.routing == "top_p":
-        if cfg.temperature != 1.0:
-            raise LoramixError(f"temperature {cfg.temperature} cannot be written in the moe-peft format: the "
-                               "reference divides probabilities by it, loramix divides logits (docs/variants.md)")
-        out.update(top_p=cfg.top_p, temperature=0.0)
-    elif cfg.routing == "switch":
-        if cfg.expert_capacity is not None:
-            out["expert_capacity"] = cfg.expert_capacity
-        out["sparse_step"] = None
-    else:
-        out["top_k"] = cfg.top_k
+    router = ROUTERS[cfg.routing]
+    out.update(routing_strategy=router.moe_peft_name, num_experts=cfg.num_experts, act_fn=model.activation_name)
+    out.update(router.moe_peft_fields(cfg))
     out.update(base_model_name_or_path=cfg.base_model_name_or_path, task_type=cfg.task_type)
     return out
 

@@ -22,15 +22,18 @@ from dataclasses import dataclass
 from typing import Callable, TextIO
 
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..config import MixLoraConfig
 from ..model import get_mixlora_model
+from ..nn.dispatch import DISPATCHES
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-VARIANTS = ("peft-lora", "mixlora", "mixlora-dense", "mixlora-reference")
-DISPATCH = {"mixlora": "grouped", "mixlora-dense": "dense", "mixlora-reference": "reference"}
 BASELINE = "peft-lora"
+MIXLORA_PREFIX = "mixlora-"  # a MixLoRA variant is this prefix and a dispatch name
+VARIANTS = (BASELINE, *(MIXLORA_PREFIX + dispatch for dispatch in DISPATCHES))
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,6 @@ class BenchShape:
 
 def build_base(shape: BenchShape, *, device: str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
     """A randomly initialised ``LlamaForCausalLM`` of ``shape`` (identical weights for the same seed)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config = AutoConfig.for_model(
         "llama", hidden_size=shape.hidden, intermediate_size=shape.ffn, num_hidden_layers=shape.layers,
         num_attention_heads=shape.heads, num_key_value_heads=shape.heads, vocab_size=shape.vocab,
@@ -68,20 +69,17 @@ def build_base(shape: BenchShape, *, device: str, dtype: torch.dtype, seed: int 
 
 
 def build_variant(name: str, shape: BenchShape, *, device: str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
-    """One benchmarked model: ``peft-lora``, ``mixlora`` (grouped fast path), ``mixlora-dense`` (the sync-free
-    path for GPUs) or ``mixlora-reference``."""
+    """One benchmarked model: ``peft-lora``, or ``mixlora-<dispatch>`` for each of ``loramix.DISPATCHES``."""
     base = build_base(shape, device=device, dtype=dtype, seed=seed)
     torch.manual_seed(seed + 1)
-    if name == "peft-lora":
-        from peft import LoraConfig, get_peft_model
-
+    if name == BASELINE:
         return get_peft_model(base, LoraConfig(
             r=shape.rank, lora_alpha=shape.alpha, lora_dropout=shape.dropout,
             target_modules=list(LLAMA_PROJECTIONS), task_type="CAUSAL_LM"))
     model = get_mixlora_model(base, MixLoraConfig(
         r=shape.rank, lora_alpha=shape.alpha, lora_dropout=shape.dropout, target_modules=list(LLAMA_PROJECTIONS),
         num_experts=shape.experts, top_k=shape.top_k))
-    model.set_dispatch(DISPATCH[name])
+    model.set_dispatch(name.removeprefix(MIXLORA_PREFIX))
     return model
 
 

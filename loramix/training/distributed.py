@@ -9,10 +9,11 @@ loss of a global micro-batch is exactly the loss one process computes on all ``G
   to every process, which holds the whole tokenised data set). Process ``r`` backpropagates
   ``W * CE_sum_r / N``; DDP averages gradients over the ``W`` processes, giving ``d(CE_sum / N)``.
   (The mean of per-process token means would weight a token by ``1 / (W * N_r)`` instead of ``1 / N``.)
-* router loss: pooled over all processes' tokens, as one process pools over its batch. Every process
-  all-gathers the router logits (autograd-aware), computes the same global ``routing.auxiliary_loss``,
-  and the all-gather's backward sums the ``W`` identical copies' gradients into the owner of each row;
-  DDP's average turns that ``W * d aux / d z_r`` back into ``d aux / d z_r``.
+* router loss: pooled over all processes' tokens, as one process pools over its batch. The model computes
+  it once per forward from its routing records, through a hook (:meth:`DataParallel.attach`) that first
+  all-gathers every process's records (autograd-aware): every process computes the same global loss, and
+  the all-gather's backward sums the ``W`` identical copies' gradients into the owner of each row; DDP's
+  average turns that ``W * d aux / d z_r`` back into ``d aux / d z_r``.
 
 So ``W`` processes with batch ``b`` take the same steps as one process with batch ``W * b`` (to fp32
 rounding), and a checkpoint can be resumed by any number of processes: ``G`` is stored in it and each
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from ..data import IGNORE_INDEX, collate
 from ..errors import LoramixError
 from ..io import checkpoint as ckpt
-from ..nn.routing import auxiliary_loss, expert_choices
+from ..nn.routing import RoutingRecord
 
 
 def make_accelerator(precision: str) -> Any:
@@ -77,10 +79,9 @@ class RouterLoad:
         self.counts: torch.Tensor | None = None  # [L, E]
 
     @torch.no_grad()
-    def add(self, logits: list[torch.Tensor], token_mask: torch.Tensor, config: Any) -> None:
-        """logits: per layer ``[T, E]``; token_mask ``[T]``; config: the MixLoraConfig (its routing's choices)."""
-        choices = torch.stack([expert_choices(z, config) for z in logits])            # [L, T, E]
-        counts = (choices * token_mask.float()[None, :, None]).sum(dim=1)            # [L, E]
+    def add(self, records: list[RoutingRecord]) -> None:
+        """One forward's records (each layer's ``selected`` ``[T, E]`` and ``token_mask`` ``[T]``)."""
+        counts = torch.stack([(r.selected * r.token_mask.float()[:, None]).sum(dim=0) for r in records])  # [L, E]
         self.counts = counts if self.counts is None else self.counts + counts
 
     def summary(self) -> dict[str, float]:
@@ -119,6 +120,7 @@ class DataParallel:
         self.world = accelerator.num_processes
         self.load = RouterLoad()
         self._rng_states: list | None = None
+        self._token_mask: torch.Tensor | None = None  # the current shard's, for the routing hook
 
     @property
     def is_main(self) -> bool:
@@ -180,16 +182,29 @@ class DataParallel:
         return Shard(batch, mask, sum(predicted_tokens(features[i]) for i in indices))
 
     # ---- loss -----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _pooled_routing(self, model: Any, token_mask: torch.Tensor) -> Iterator[None]:
+        """Within the block, the model's router loss (computed once per forward) is the global one over every
+        process's rows with this shard's ``token_mask``, and the router load is counted; the LoRA/DoRA
+        baselines have no routers."""
+        if not hasattr(model, "routing_hook"):
+            yield
+            return
+        self._token_mask, model.routing_hook = token_mask, self._pool_routing
+        try:
+            yield
+        finally:
+            self._token_mask, model.routing_hook = None, None
+
     def forward_backward(self, model: Any, shard: Shard, *, scale: float, sync: bool) -> tuple[float, float]:
         """One global micro-batch: forward, this process's share of the loss, backward (gradients scaled
         by ``scale``; DDP's all-reduce skipped unless ``sync``). Returns the global (CE, router loss)."""
         acc = self.accelerator
-        inner = acc.unwrap_model(model)
         with contextlib.nullcontext() if sync else acc.no_sync(model):
-            with acc.autocast():
+            with acc.autocast(), self._pooled_routing(acc.unwrap_model(model), shard.token_mask):
                 output = model(input_ids=shard.batch["input_ids"], attention_mask=shard.batch["attention_mask"])
                 ce_sum = token_ce_sum(output.logits, shard.batch["labels"])
-                aux = self.router_loss(inner, shard.token_mask)
+            aux = getattr(output, "aux_loss", None)
             loss = ce_sum * (self.world / shard.predicted)
             if aux is not None:
                 loss = loss + aux
@@ -197,29 +212,33 @@ class DataParallel:
         ce = self.sum(ce_sum.detach()) / shard.predicted
         return float(ce), 0.0 if aux is None else float(aux.detach())
 
-    def router_loss(self, model: Any, token_mask: torch.Tensor) -> torch.Tensor | None:
-        """The router loss over the router logits of all processes (None: no routers or the loss is off)."""
-        config = getattr(model, "mixlora_config", None)
-        if config is None or not config.router_loss:
-            return None
-        logits = model.router_logits()
+    def _pool_routing(self, records: list[RoutingRecord]) -> list[RoutingRecord]:
+        """This shard's records with its token mask (0 on padding and stand-in rows), gathered over all
+        processes when there are several; counted into the router load."""
+        records = [r.with_token_mask(self._token_mask) for r in records]
         if self.world > 1:
-            logits, token_mask = self._gather_rows(logits, token_mask)
-        self.load.add(logits, token_mask, config)
-        return auxiliary_loss(logits, config, token_mask=token_mask)
+            records = self._gather_rows(records)
+        self.load.add(records)
+        return records
 
-    def _gather_rows(self, logits: list[torch.Tensor], token_mask: torch.Tensor
-                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """All processes' rows, padded to the longest (pads masked out): per layer ``[W*T_max, E]``, ``[W*T_max]``."""
-        rows = torch.stack(logits, dim=1)                                      # [T, L, E]
-        longest = torch.tensor(rows.shape[0], device=rows.device)
+    def _gather_rows(self, records: list[RoutingRecord]) -> list[RoutingRecord]:
+        """All processes' rows, padded to the longest (pads masked out): per layer ``[W*T_max, E]`` logits and
+        selections, ``[W*T_max]`` token mask."""
+        logits = torch.stack([r.logits for r in records], dim=1)                         # [T, L, E]
+        selected = torch.stack([r.selected for r in records], dim=1)                     # [T, L, E]
+        longest = torch.tensor(logits.shape[0], device=logits.device)
         dist.all_reduce(longest, op=dist.ReduceOp.MAX)
-        extra = int(longest) - rows.shape[0]
-        rows = torch.cat([rows, rows.new_zeros(extra, *rows.shape[1:])])
-        mask = torch.cat([token_mask, token_mask.new_zeros(extra)])
+        extra = int(longest) - logits.shape[0]
+        logits = torch.cat([logits, logits.new_zeros(extra, *logits.shape[1:])])
+        selected = torch.cat([selected, selected.new_zeros(extra, *selected.shape[1:])])
+        mask = torch.cat([self._token_mask, self._token_mask.new_zeros(extra)])
         masks = [torch.empty_like(mask) for _ in range(self.world)]
         dist.all_gather(masks, mask)
-        return list(_GatherRows.apply(rows).unbind(1)), torch.cat(masks)
+        parts = [torch.empty_like(selected) for _ in range(self.world)]
+        dist.all_gather(parts, selected.contiguous())
+        token_mask = torch.cat(masks)
+        return [RoutingRecord(z, None, None, chosen, token_mask)
+                for z, chosen in zip(_GatherRows.apply(logits).unbind(1), torch.cat(parts).unbind(1))]
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         """Sum of a tensor over the processes."""

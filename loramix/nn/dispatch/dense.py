@@ -1,14 +1,14 @@
-"""The sync-free MoE path for GPUs: every expert LoRA as one masked matmul over all experts' ranks.
+"""The sync-free path for GPUs: every expert LoRA as one masked matmul over all experts' ranks.
 
-The grouped path (fused.py) sorts the (token, expert) pairs and loops over expert segments: few FLOPs, but
-one host sync per layer for the segment sizes and a few small matmuls per expert, which on a GPU leave the
-step bound by kernel launches (benchmarks/README.md, "GPU"). Here the pairs stay in token order (pair
+The grouped path sorts the (token, expert) pairs and loops over expert segments: few FLOPs, but one host
+sync per layer for the segment sizes and a few small matmuls per expert, which on a GPU leave the step
+bound by kernel launches (benchmarks/README.md, "GPU"). Here the pairs stay in token order (pair
 ``t * k + j`` is token t's j-th choice) and each LoRA runs over all experts at once: the stacked
 ``A`` ``[E, r, in]`` as one ``[E*r, in]`` matrix on the tokens, each pair's rank rows masked to its own
 expert's block, and the stacked ``B`` as one ``[out, E*r]`` matrix on the masked rows. That spends E times
-the B-side LoRA FLOPs (rank r against the projections' widths: a few percent at LLaMA-7B sizes) to make
-every op a plain dense one with shapes fixed by T and k: no sort, no sync, no per-expert loop, and
-ordinary autograd for the backward.
+the B-side LoRA FLOPs to make every op a plain dense one with shapes fixed by T and k: no sort, no sync,
+no per-expert loop, and ordinary autograd for the backward. It keeps more activations than the grouped
+path (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..experts import ExpertLoras
+from ..ffn import ExpertFFN
 
 
 def stacked_a(lora: ExpertLoras) -> torch.Tensor:
@@ -44,37 +45,38 @@ def expert_block_mask(experts: torch.Tensor, rank: int, num_experts: int) -> tor
     return onehot.repeat_interleave(rank, dim=1)
 
 
-def dense_expert_mix(ffn, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    """The MoE FFN of ``ffn`` (a MixLoraFFN, LoRA experts) without sorting or host syncs.
+class DenseDispatch:
+    """Base input projections once on the tokens, the expert deltas as masked matmuls over all experts in
+    fp32, the shared base output projection once on ``sum_e w_e a_e``."""
 
-    x: ``[T, D]``; weights (fp32), experts: ``[T, k]`` -> ``[T, D]`` in x's dtype. Same arithmetic as the
-    grouped path: base input projections once on the tokens, the shared base output projection once on
-    ``sum_e w_e a_e``, the expert deltas in fp32.
-    """
-    num_tokens, k = experts.shape
-    masks: dict[int, torch.Tensor] = {}
+    name = "dense"
+    handles_dora = False
 
-    def mask_for(lora: ExpertLoras) -> torch.Tensor:
-        return masks.setdefault(lora.rank, expert_block_mask(experts, lora.rank, ffn.num_experts))
+    def __call__(self, ffn: ExpertFFN, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        num_tokens, k = experts.shape
+        masks: dict[int, torch.Tensor] = {}
 
-    pre = []
-    for name in ffn.input_names:
-        row = ffn.projection(name)(x).repeat_interleave(k, dim=0)                       # [P, out]
-        lora = ffn.experts[name] if name in ffn.experts else None
-        if lora is not None:
-            low = (lora.dropped_input(x) @ stacked_a(lora).t()).repeat_interleave(k, dim=0)  # [P, E*r]
-            row = row + pair_deltas(lora, low, mask_for(lora)).to(row.dtype)
-        pre.append(row)
-    act = ffn.activate(pre)                                                              # [P, I]
-    w = weights.reshape(-1, 1)                                                           # [P, 1] fp32
-    mixed = (act.float() * w).view(num_tokens, k, -1).sum(dim=1)                         # [T, I] fp32
-    y = ffn.mixed_output(mixed, weights, x.dtype)                                       # [T, D]
-    out_lora = ffn.experts[ffn.output_name] if ffn.output_name in ffn.experts else None
-    if out_lora is not None:
-        dropped = act.float()
-        keep = out_lora.dropout_mask(num_tokens)  # one mask per token, shared by its experts
-        if keep is not None:
-            dropped = dropped * keep.repeat_interleave(k, dim=0)
-        deltas = pair_deltas(out_lora, dropped @ stacked_a(out_lora).t(), mask_for(out_lora))  # [P, D]
-        y = y + (deltas * w).view(num_tokens, k, -1).sum(dim=1).to(y.dtype)
-    return y
+        def mask_for(lora: ExpertLoras) -> torch.Tensor:
+            return masks.setdefault(lora.rank, expert_block_mask(experts, lora.rank, ffn.num_experts))
+
+        pre = []
+        for projection in ffn.inputs:
+            row = projection.module(x).repeat_interleave(k, dim=0)                       # [P, out]
+            lora = projection.lora
+            if lora is not None:
+                low = (lora.dropped_input(x) @ stacked_a(lora).t()).repeat_interleave(k, dim=0)  # [P, E*r]
+                row = row + pair_deltas(lora, low, mask_for(lora)).to(row.dtype)
+            pre.append(row)
+        act = ffn.activate(pre)                                                          # [P, I]
+        w = weights.reshape(-1, 1)                                                       # [P, 1] fp32
+        mixed = (act.float() * w).view(num_tokens, k, -1).sum(dim=1)                     # [T, I] fp32
+        y = ffn.mixed_output(mixed, weights, x.dtype)                                    # [T, D]
+        out_lora = ffn.output.lora
+        if out_lora is not None:
+            dropped = act.float()
+            keep = out_lora.dropout_mask(num_tokens)  # one mask per token, shared by its experts
+            if keep is not None:
+                dropped = dropped * keep.repeat_interleave(k, dim=0)
+            deltas = pair_deltas(out_lora, dropped @ stacked_a(out_lora).t(), mask_for(out_lora))  # [P, D]
+            y = y + (deltas * w).view(num_tokens, k, -1).sum(dim=1).to(y.dtype)
+        return y
