@@ -26,7 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _threads(wanted: int | None) -> int:
     """Set torch's CPU threads. On a machine whose load already fills the cores, several OpenMP threads per
-    process spin against each other (measured: a forward pass 5x slower with 2 threads than with 1), so the
+    process spin against each other and a forward pass runs several times slower than with one, so the
     default then is 1."""
     import torch
 

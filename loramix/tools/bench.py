@@ -38,7 +38,7 @@ VARIANTS = (BASELINE, *(MIXLORA_PREFIX + dispatch for dispatch in DISPATCHES))
 
 @dataclass(frozen=True)
 class BenchShape:
-    """The model, batch and adapter sizes of one benchmark run (defaults: the issue-4 shape)."""
+    """The model, batch and adapter sizes of one benchmark run (defaults: the shape benchmarks/README.md reports)."""
 
     hidden: int = 512
     ffn: int = 1376
