@@ -259,7 +259,7 @@ def test_bench_command_prints_medians_memory_and_ratios_to_peft(tmp_path, capsys
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--variants", "mixlora,lora"], "--variants: unknown variant 'lora'"),
+    (["--variants", "mixlora-grouped,lora"], "--variants: unknown variant 'lora'"),
     (["--hidden", "30", "--heads", "4"], "--hidden (30) must be a multiple of --heads (4)"),
     (["--reps", "0"], "--reps must be >= 1"),
 ])
