@@ -82,6 +82,7 @@ class TrainSpec:
     max_grad_norm: float | None = 1.0
     precision: str = "fp32"
     gradient_checkpointing: bool = False
+    fsdp: bool = False
     moe_dispatch: str = DEFAULT_DISPATCH
     seed: int = 42
     logging_steps: int = 1

@@ -1,9 +1,11 @@
 """Data-parallel training: 2 processes (torchrun, gloo on CPU) with batch b train the same adapter as 1 process
-with batch 2b; the loss share of each process equals the model's own loss; resume on another process count."""
+with batch 2b, with DDP and with FSDP; the loss share of each process equals the model's own loss; FSDP
+checkpoints are whole; resume on the same and on another process count."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import torch
 import yaml
 from helpers_cli import adapter_tensors, tiny_llama_dir, tiny_run_config, toy_classification
 
+from loramix import MixLoraModel
 from loramix.data import collate
 from loramix.nn.routing import TopKRouter
 from loramix.training.distributed import DataParallel, RouterLoad, make_accelerator, predicted_tokens
@@ -42,19 +45,25 @@ def _close(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+def _torchrun(config: dict, path, *args: str) -> str:
+    """``loramix train`` on 2 CPU processes by torchrun with ``config`` (written to ``path``); its stdout."""
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "loramix", "train", str(path), *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A 2-process torchrun run (batch 3 each) and a 1-process run (batch 6) of the same config."""
     root = tmp_path_factory.mktemp("ddp")
     model_dir, data = tiny_llama_dir(root / "model"), toy_classification(root / "toy.jsonl", n=22)
-    path = root / "two.yaml"
-    path.write_text(yaml.safe_dump(_config(model_dir, data, root / "two", micro_batch_size=3)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "loramix", "train", str(path)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    stdout = _torchrun(_config(model_dir, data, root / "two", micro_batch_size=3), root / "two.yaml")
     one = train(build_run_config(_config(model_dir, data, root / "one", micro_batch_size=6)), echo=lambda _: None)
-    return types.SimpleNamespace(root=root, model_dir=model_dir, data=data, stdout=proc.stdout, one=one)
+    return types.SimpleNamespace(root=root, model_dir=model_dir, data=data, stdout=stdout, one=one)
 
 
 def test_two_processes_train_the_adapter_of_one_process_with_twice_the_batch(runs):
@@ -83,6 +92,77 @@ def test_resume_a_two_process_checkpoint_on_one_process(runs, tmp_path):
     assert resumed.steps == 4
     assert _close(adapter_tensors(out / "adapter"), adapter_tensors(runs.root / "one" / "adapter")) < 2e-6
     assert [r["step"] for r in _log(out)] == [1, 2, 3, 4, 3, 4]
+
+
+def _fsdp_config(runs, out, **train_kw) -> dict:
+    return _config(runs.model_dir, runs.data, out, micro_batch_size=3, fsdp=True, **train_kw)
+
+
+@pytest.fixture(scope="module")
+def fsdp(runs):
+    """The 2-process run of ``runs`` under FSDP (with gradient checkpointing, as large bases train): its stdout."""
+    return _torchrun(_fsdp_config(runs, runs.root / "fsdp", gradient_checkpointing=True), runs.root / "fsdp.yaml")
+
+
+def _optimizer_tensors(checkpoint) -> tuple[list, dict]:
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)["optimizer"]
+    return state["param_groups"], {f"{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}
+
+
+def test_two_fsdp_processes_train_the_adapter_of_one_process_with_twice_the_batch(runs, fsdp):
+    sharded, one = runs.root / "fsdp", runs.root / "one"
+    assert "process 0 holds 50.0% of the parameters" in fsdp  # base and adapter sharded, not replicated
+    assert _close(adapter_tensors(sharded / "adapter"), adapter_tensors(one / "adapter")) < 2e-6
+    for a, b in zip(_log(sharded), _log(one)):
+        for key in ("loss", "aux_loss", "grad_norm", "router_balance"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    assert sorted(os.listdir(sharded)) == ["adapter", "checkpoint-2", "checkpoint-4", "log.jsonl"]
+    # Checkpoints hold the whole adapter and the whole AdamW state, in a one-process run's layout.
+    groups, moments = _optimizer_tensors(sharded / "checkpoint-2")
+    one_groups, one_moments = _optimizer_tensors(one / "checkpoint-2")
+    assert groups == one_groups and _close(moments, one_moments) < 2e-6
+    assert _close(adapter_tensors(sharded / "checkpoint-2"), adapter_tensors(one / "checkpoint-2")) < 2e-6
+
+
+def test_fsdp_checkpoints_load_with_from_pretrained(runs, fsdp):
+    from transformers import AutoModelForCausalLM
+
+    for folder in ("checkpoint-2", "adapter"):
+        model = MixLoraModel.from_pretrained(AutoModelForCausalLM.from_pretrained(runs.model_dir),
+                                             runs.root / "fsdp" / folder)
+        loaded = dict(model.trainable_parameters())
+        assert _close(loaded, adapter_tensors(runs.root / "one" / folder)) < 2e-6, folder
+
+
+def _interrupted(runs, tmp_path):
+    """The FSDP run's folder as a run killed after checkpoint-2 leaves it."""
+    out = tmp_path / "resumed"
+    shutil.copytree(runs.root / "fsdp", out)
+    shutil.rmtree(out / "checkpoint-4")
+    shutil.rmtree(out / "adapter")
+    return out
+
+
+def test_resume_an_fsdp_checkpoint_on_one_process(runs, fsdp, tmp_path):
+    out = _interrupted(runs, tmp_path)
+    resumed = train(build_run_config(_fsdp_config(runs, out)), resume=True, echo=lambda _: None)  # 1 process: whole
+    assert resumed.steps == 4
+    assert _close(adapter_tensors(out / "adapter"), adapter_tensors(runs.root / "one" / "adapter")) < 2e-6
+    assert [r["step"] for r in _log(out)] == [1, 2, 3, 4, 3, 4]
+
+
+def test_resume_an_fsdp_checkpoint_on_two_fsdp_processes(runs, fsdp, tmp_path):
+    out = _interrupted(runs, tmp_path)
+    stdout = _torchrun(_fsdp_config(runs, out), tmp_path / "resume.yaml", "--resume")
+    assert re.search(r"resuming from .*checkpoint-2 \(step 2 of 4\)", stdout)
+    assert _close(adapter_tensors(out / "adapter"), adapter_tensors(runs.root / "one" / "adapter")) < 2e-6
+    assert [r["step"] for r in _log(out)] == [1, 2, 3, 4, 3, 4]
+
+
+def test_an_accelerate_fsdp_config_is_refused(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch sets for distributed_type: FSDP
+    with pytest.raises(LoramixError, match="set train.fsdp: true"):
+        make_accelerator("fp32")
 
 
 def _tiny_mixlora(tmp_path):
@@ -146,13 +226,10 @@ def test_router_load_balance():
     assert load.summary()["router_balance"] == pytest.approx(1.0)
 
 
-def test_resume_keeps_the_checkpoints_global_batch_and_refuses_fsdp_checkpoints(tmp_path):
+def test_resume_keeps_the_checkpoints_global_batch(tmp_path):
     (tmp_path / "checkpoint-3").mkdir()
     state = tmp_path / "checkpoint-3" / "trainer_state.pt"
     torch.save({"global_micro_batch": 6, "rng_processes": [None, None]}, state)
     process = _process(0, 3)
     assert process.global_micro_batch(str(tmp_path), False, 4) == 12
     assert process.global_micro_batch(str(tmp_path), True, 4) == 6
-    torch.save({"global_micro_batch": 6, "sharded_optimizer": True}, state)
-    with pytest.raises(LoramixError, match="written by an FSDP run"):
-        process.global_micro_batch(str(tmp_path), True, 4)

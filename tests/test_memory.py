@@ -6,7 +6,8 @@ import torch
 
 from loramix import MixLoraConfig, get_mixlora_model
 from loramix.training.distributed import token_ce_sum
-from loramix.tools.memory import LLAMA2_7B, Shape, adapter_parameters, base_parameters, estimate, saved_bytes_per_token
+from loramix.tools.memory import (LLAMA2_7B, Shape, adapter_parameters, base_parameters, estimate, layer_parameters,
+                                  saved_bytes_per_token)
 
 SMALL = Shape(hidden=96, intermediate=160, layers=2, heads=3, vocab=50)
 
@@ -79,3 +80,17 @@ def test_estimate_adds_up():
     per = saved_bytes_per_token(SMALL, r=4, experts=3, top_k=2, dropout=True, checkpointing=True)
     assert ckpt.ddp_buckets == 0 and ckpt.activations == 20 * (2 * per) + e.activations // 2
     assert e.total == e.weights + 20 * n + e.activations + e.logits
+
+
+def test_fsdp_estimate_keeps_a_shard_of_each_state_and_gathers_the_root_and_two_layers():
+    base, _ = _model(SMALL, r=4, experts=3, top_k=2, dropout=0.0)
+    layer = sum(p.numel() for p in base.model.layers[0].parameters() if not p.requires_grad)  # the frozen base's
+    assert layer_parameters(SMALL) == layer == 83136
+    n, kw = 25152, {"batch": 2, "seq": 10, "r": 4, "experts": 3, "processes": 4}
+    ddp, fsdp = estimate(SMALL, **kw), estimate(SMALL, **kw, fsdp=True)
+    assert (fsdp.weights, fsdp.adapter, fsdp.gradients, fsdp.optimizer) == (2 * 175968 // 4, n, n, 2 * n)
+    root = sum(p.numel() for p in base.parameters() if not p.requires_grad) - 2 * layer  # embeddings, head, norm
+    assert fsdp.fsdp_gathered == 2 * (root + 2 * layer) + 4 * n  # SMALL has 2 layers: both layers' adapters
+    assert fsdp.ddp_buckets == 0 and fsdp.activations == ddp.activations and fsdp.logits == ddp.logits
+    one = {**kw, "processes": 1}
+    assert estimate(SMALL, **one, fsdp=True) == estimate(SMALL, **one)  # one process: nothing to shard

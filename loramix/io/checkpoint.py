@@ -4,18 +4,25 @@ A checkpoint folder ``checkpoint-<step>`` holds the adapter (``save_pretrained``
 (step, trainable tensors, optimizer, scheduler, RNG states) and the run config. Because a folder only ever
 appears under its final name by ``os.replace``, a kill -9 mid-save leaves at most a ``.tmp-*`` folder, which
 is ignored and cleaned up.
+
+A checkpoint is whole whatever the run's layout: under FSDP (``train.fsdp``) the trainable parameters and
+the AdamW state are DTensor shards, gathered when saved (so the files are those a one-process run writes:
+the same keys, the optimizer state in ``optimizer.state_dict()``'s layout) and cut into this process's
+shards when restored. Any checkpoint therefore resumes on any number of processes, with or without FSDP.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import shutil
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import yaml
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..errors import LoramixError
 from .atomic import atomic_dir
@@ -77,21 +84,84 @@ def _trainable(model: Any) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value on the CPU (an all-gather: every process calls it); a plain tensor as is."""
+    return tensor.full_tensor().cpu() if isinstance(tensor, DTensor) else tensor
+
+
+def _shard_like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A whole tensor cut as ``target`` is (this process's shard when it is a DTensor; no communication:
+    every process holds ``value``)."""
+    if not isinstance(target, DTensor):
+        return value
+    return distribute_tensor(value.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+
+
+@contextlib.contextmanager
+def whole_parameters(model: Any, *, keep: bool = True) -> Iterator[None]:
+    """Within: the model's trainable DTensor parameters (FSDP shards) replaced by their whole values on the
+    CPU, read-only, so that ``save_pretrained`` and ``named_parameters`` see the adapter a one-process run
+    has. Collective: every process enters; those without ``keep`` take part in the gathers and drop the
+    result (their model is unchanged). Without FSDP: nothing changes."""
+    swapped = []
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if isinstance(param, DTensor) and param.requires_grad:
+                whole = _whole(param)
+                if keep:
+                    module._parameters[name] = torch.nn.Parameter(whole)
+                    swapped.append((module, name, param))
+    try:
+        yield
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param
+
+
+def whole_optimizer_state(optimizer: Any, *, keep: bool = True) -> dict[str, Any] | None:
+    """``optimizer.state_dict()`` with every DTensor state gathered onto the CPU (collective under FSDP);
+    None without ``keep`` (that process drops each gathered tensor at once)."""
+    state = optimizer.state_dict()
+    gathered = {}
+    for i, tensors in state["state"].items():
+        whole = {k: _whole(v) for k, v in tensors.items()}
+        if keep:
+            gathered[i] = whole
+    return {**state, "state": gathered} if keep else None
+
+
 def save_checkpoint(path: str, model: Any, *, optimizer: Any, scheduler: Any, step: int, run_config: dict[str, Any],
-                    extra: dict[str, Any]) -> None:
-    """Write ``checkpoint-<step>`` atomically: the adapter, ``trainer_state.pt`` and ``run_config.yaml``."""
-    def write(tmp: str) -> None:
+                    extra: dict[str, Any], write: bool = True) -> None:
+    """Write ``checkpoint-<step>`` atomically: the adapter, ``trainer_state.pt`` and ``run_config.yaml``.
+
+    Under FSDP every process calls it (the shards are gathered) and the one with ``write`` writes."""
+    optimizer_state = whole_optimizer_state(optimizer, keep=write)
+
+    def write_files(tmp: str) -> None:
         model.save_pretrained(tmp)
         torch.save({"step": step, "params": {n: p.detach().cpu().clone() for n, p in _trainable(model).items()},
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                     "rng": rng_state(), **extra}, os.path.join(tmp, STATE_NAME))
         with open(os.path.join(tmp, RUN_CONFIG_NAME), "w", encoding="utf-8") as f:
             yaml.safe_dump(run_config, f, sort_keys=False)
-    atomic_dir(path, write)
+    with whole_parameters(model, keep=write):
+        if write:
+            atomic_dir(path, write_files)
+
+
+def _shard_optimizer_state(state: dict[str, Any], optimizer: Any) -> dict[str, Any]:
+    """A whole ``optimizer.state_dict()`` with each per-parameter tensor cut as that parameter is."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def cut(value: Any, param: torch.Tensor) -> Any:  # AdamW's moments are shaped as the parameter, its step not
+        return _shard_like(value, param) if torch.is_tensor(value) and value.shape == param.shape else value
+    return {**state, "state": {i: {k: cut(v, params[i]) for k, v in tensors.items()}
+                               for i, tensors in state["state"].items()}}
 
 
 def restore_checkpoint(path: str, model: Any, optimizer: Any, scheduler: Any) -> int:
-    """Load a checkpoint's trainable tensors, optimizer, scheduler and RNG state; returns its step."""
+    """Load a checkpoint's trainable tensors, optimizer, scheduler and RNG state into this process's model
+    and optimizer (its shards of them under FSDP); returns its step."""
     state = load_state(path)
     params = _trainable(model)
     if set(params) != set(state["params"]):
@@ -101,8 +171,8 @@ def restore_checkpoint(path: str, model: Any, optimizer: Any, scheduler: Any) ->
             if params[name].shape != value.shape:
                 raise LoramixError(f"{path}: checkpoint tensor {name} has shape {tuple(value.shape)}, "
                                    f"the adapter expects {tuple(params[name].shape)}")
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
+            params[name].copy_(_shard_like(value, params[name]))
+    optimizer.load_state_dict(_shard_optimizer_state(state["optimizer"], optimizer))
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return int(state["step"])

@@ -1,7 +1,9 @@
 """What one GPU holds while training MixLoRA on a LLaMA-shaped base, computed from the shapes.
 
 Weights in 16-bit; adapter parameters (attention LoRAs on q/k/v/o, expert LoRAs on gate/up/down, routers),
-their gradients and AdamW's two moments in fp32; DDP adds one fp32 bucket copy of the gradients. Activations
+their gradients and AdamW's two moments in fp32; DDP adds one fp32 bucket copy of the gradients; FSDP
+(``train.fsdp``) divides weights, adapter, gradients and moments by the processes and adds the weights it
+gathers whole while they compute. Activations
 are the tensors autograd keeps for backward, per decoder layer and token, in loramix's forward with 16-bit
 weights: each term below is a tensor a saved-tensor hook lists (tests/test_memory.py holds a real forward to
 these numbers). docs/distributed.md tabulates LLaMA-2-7B and 13B.
@@ -29,9 +31,14 @@ LLAMA2_13B = Shape(hidden=5120, intermediate=13824, layers=40, heads=40, vocab=3
 
 
 def base_parameters(s: Shape) -> int:
-    """Per layer q, k, v, o (D x D), gate, up, down (D x I) and two norms; embeddings, LM head, final norm."""
+    """The decoder layers; embeddings, LM head and final norm."""
+    return s.layers * layer_parameters(s) + 2 * s.vocab * s.hidden + s.hidden
+
+
+def layer_parameters(s: Shape) -> int:
+    """One decoder layer of the base: q, k, v, o (D x D), gate, up, down (D x I) and two norms."""
     d, i = s.hidden, s.intermediate
-    return s.layers * (4 * d * d + 3 * d * i + 2 * d) + 2 * s.vocab * d + d
+    return 4 * d * d + 3 * d * i + 2 * d
 
 
 def adapter_parameters(s: Shape, *, r: int, experts: int) -> int:
@@ -71,6 +78,7 @@ class MemoryEstimate:
     ddp_buckets: int
     activations: int
     logits: int
+    fsdp_gathered: int = 0
 
     @property
     def total(self) -> int:
@@ -82,13 +90,18 @@ class MemoryEstimate:
 
 
 def estimate(s: Shape, *, batch: int, seq: int, r: int = 16, experts: int = 8, top_k: int = 2,
-             dropout: bool = True, checkpointing: bool = False, processes: int = 1,
+             dropout: bool = True, checkpointing: bool = False, processes: int = 1, fsdp: bool = False,
              weight_bytes: int = 2) -> MemoryEstimate:
-    """Per-GPU memory for DDP training with ``batch`` sequences of ``seq`` tokens per GPU.
+    """Per-GPU memory for DDP (or, with ``fsdp``, FSDP) training with ``batch`` sequences of ``seq`` tokens
+    per GPU.
 
     With checkpointing one layer's full activations are alive again while it is recomputed in backward.
     ``logits``: the fp32 log-probabilities ``[T, V]`` the cross-entropy keeps (its gradient, as large, is
-    alive briefly at the start of backward and is not counted).
+    alive briefly at the start of backward and is not counted). Under FSDP over ``processes`` each GPU keeps
+    its shard of the weights, adapter, gradients and AdamW moments and no DDP bucket; ``fsdp_gathered``: the
+    whole weights it gathers, the root group's (embeddings, LM head, final norm: whole from the start of
+    forward to the end of backward) and two decoder layers with their adapters (the one computing and the
+    next, prefetched).
     """
     tokens = batch * seq
     n = adapter_parameters(s, r=r, experts=experts)
@@ -97,6 +110,13 @@ def estimate(s: Shape, *, batch: int, seq: int, r: int = 16, experts: int = 8, t
     activations = s.layers * per_layer * tokens
     if checkpointing:
         activations += saved_bytes_per_token(s, r=r, experts=experts, top_k=top_k, dropout=dropout) * tokens
-    return MemoryEstimate(weights=weight_bytes * base_parameters(s), adapter=4 * n, gradients=4 * n,
-                          optimizer=8 * n, ddp_buckets=4 * n if processes > 1 else 0, activations=activations,
-                          logits=4 * tokens * s.vocab)
+    sharded = fsdp and processes > 1
+    shards = processes if sharded else 1
+    gathered = 0
+    if sharded:
+        root = base_parameters(s) - s.layers * layer_parameters(s)
+        gathered = weight_bytes * (root + 2 * layer_parameters(s)) + 4 * 2 * n // s.layers
+    return MemoryEstimate(weights=weight_bytes * base_parameters(s) // shards, adapter=4 * n // shards,
+                          gradients=4 * n // shards, optimizer=8 * n // shards,
+                          ddp_buckets=4 * n if processes > 1 and not sharded else 0, activations=activations,
+                          logits=4 * tokens * s.vocab, fsdp_gathered=gathered)

@@ -18,6 +18,11 @@ loss of a global micro-batch is exactly the loss one process computes on all ``G
 So ``W`` processes with batch ``b`` take the same steps as one process with batch ``W * b`` (to fp32
 rounding), and a checkpoint can be resumed by any number of processes: ``G`` is stored in it and each
 global micro-batch is split over however many processes there are now. Only process 0 writes files.
+
+With ``train.fsdp`` the model is sharded by FSDP2 (``fully_shard``: each decoder layer, then the root), here
+rather than by Accelerate, whose FSDP needs a GPU: the same code runs on CPU processes (gloo) and GPUs. Its
+gradient reduce-scatter averages over processes as DDP's all-reduce does, so the loss above is unchanged;
+checkpoints stay whole (io/checkpoint.py gathers and re-shards), so they resume with or without FSDP.
 """
 from __future__ import annotations
 
@@ -30,6 +35,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from ..data import IGNORE_INDEX, collate
 from ..errors import LoramixError
@@ -38,10 +46,15 @@ from ..nn.routing import RoutingRecord
 
 
 def make_accelerator(precision: str) -> Any:
-    """This process's Accelerator. Several processes on a machine without a GPU train on CPU with gloo."""
+    """This process's Accelerator. Several processes on a machine without a GPU train on CPU with gloo.
+    Accelerate's own FSDP is refused (it needs a GPU, and loramix shards with ``train.fsdp`` instead)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # accelerate launch, FSDP config
+        raise LoramixError("the Accelerate config asks for FSDP (distributed_type: FSDP), which loramix does not "
+                           "use: set train.fsdp: true in the run config and launch with torchrun or a DDP "
+                           "Accelerate config (docs/distributed.md)")
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if not several:
         AcceleratorState._reset_state(True)  # one process may train several times with different precisions
@@ -114,10 +127,11 @@ class _GatherRows(torch.autograd.Function):
 class DataParallel:
     """This process's part in a (possibly one-process) data-parallel run, around its Accelerator."""
 
-    def __init__(self, accelerator: Any) -> None:
+    def __init__(self, accelerator: Any, *, fsdp: bool = False) -> None:
         self.accelerator = accelerator
         self.rank = accelerator.process_index
         self.world = accelerator.num_processes
+        self.sharded = fsdp and self.world > 1  # FSDP: each process holds a shard of every parameter
         self.load = RouterLoad()
         self._rng_states: list | None = None
         self._token_mask: torch.Tensor | None = None  # the current shard's, for the routing hook
@@ -126,19 +140,38 @@ class DataParallel:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def sharded(self) -> bool:
-        """FSDP: each process holds a shard of every parameter and of the optimizer state."""
-        return getattr(self.accelerator, "distributed_type", None) == "FSDP"
-
-    def whole_parameters(self, model: Any) -> Any:
-        """Context in which process 0 sees whole parameters (FSDP gathers its shards; collective), for saving."""
+    # ---- model ----------------------------------------------------------------------------------------
+    def shard_model(self, model: Any) -> Any:
+        """FSDP: shard every parameter (frozen base and adapter) over the processes with ``fully_shard``, one
+        group per decoder layer (gathered while it computes) and one for the rest (embeddings, LM head, final
+        norm); the model is moved to this process's device. Without FSDP: the model unchanged. Call before
+        building the optimizer (its parameters become this process's shards)."""
         if not self.sharded:
-            return contextlib.nullcontext()
-        from torch.distributed.fsdp import FullyShardedDataParallel
+            return model
+        layer_classes = {name for m in model.modules() for name in getattr(m, "_no_split_modules", None) or ()}
+        layers = [m for m in reversed(list(model.modules())) if type(m).__name__ in layer_classes]  # inner first
+        if not layers:
+            raise LoramixError(f"train.fsdp: {type(model).__name__} names no decoder layer class "
+                               "(_no_split_modules) to shard by")
+        mesh = init_device_mesh(self.accelerator.device.type, (self.world,))
+        for layer in layers:
+            fully_shard(layer, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
 
-        return FullyShardedDataParallel.summon_full_params(model, writeback=False, rank0_only=True,
-                                                           offload_to_cpu=True)
+    def local_share(self, model: Any) -> float:
+        """Fraction of the model's parameter elements this process holds (1 without FSDP)."""
+        local = whole = 0
+        for p in model.parameters():
+            local += p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+            whole += p.numel()
+        return local / whole
+
+    def prepare(self, model: Any, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
+        """Accelerate's preparation: DDP wraps the model; an FSDP-sharded model is left as it is (Accelerate
+        would wrap it in DDP), only the optimizer is prepared."""
+        if self.sharded:
+            return model, self.accelerator.prepare(optimizer)
+        return self.accelerator.prepare(model, optimizer)
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
@@ -156,9 +189,6 @@ class DataParallel:
         if found:
             state = torch.load(os.path.join(found[-1][1], ckpt.STATE_NAME), map_location="cpu", mmap=True,
                                weights_only=False)
-            if state.get("sharded_optimizer"):
-                raise LoramixError(f"{found[-1][1]}: written by an FSDP run, whose checkpoints keep only process 0's "
-                                   "shard of the optimizer state; resume is supported for DDP runs")
             self._rng_states = state.get("rng_processes")
             if "global_micro_batch" in state:
                 return int(state["global_micro_batch"])
@@ -255,8 +285,7 @@ class DataParallel:
             dist.all_gather_object(states, ckpt.rng_state())
         else:
             states = [ckpt.rng_state()]
-        return {"global_micro_batch": global_micro_batch, "processes": self.world, "rng_processes": states,
-                "sharded_optimizer": self.sharded}
+        return {"global_micro_batch": global_micro_batch, "processes": self.world, "rng_processes": states}
 
     def restore_rng(self, seed: int, step: int) -> None:
         """After a resume on process 0's RNG state: each process its own saved stream when the number of

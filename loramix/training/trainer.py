@@ -151,7 +151,7 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
     t = cfg.train
     out = t.output_dir
     accelerator = make_accelerator(t.precision)
-    dp = DataParallel(accelerator)
+    dp = DataParallel(accelerator, fsdp=t.fsdp)
     echo = echo if dp.is_main else (lambda _: None)
     specs = [dataclasses.replace(s, template=s.template or cfg.data.template) for s in cfg.data.datasets]
     examples = load_mixture(specs, seed=t.seed)
@@ -175,6 +175,7 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
         model.set_dispatch(t.moe_dispatch)
     model.config.use_cache = False
     dp.seed_processes(t.seed)
+    model = dp.shard_model(model)
     optimizer = make_optimizer(model, t)
     warmup = t.warmup_steps or math.ceil(t.warmup_ratio * plan.total_steps)
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=plan.total_steps)
@@ -194,12 +195,14 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
         raise LoramixError(f"{out} already holds a run; pass --resume to continue it or choose another "
                            "train.output_dir")
 
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = dp.prepare(model, optimizer)
     model.train()
     pad = pad_token_id(tokenizer)
     acc = t.gradient_accumulation_steps
-    echo(f"training on {plan.n_examples} examples: {plan.total_steps} steps of {acc} x {global_batch}"
-         + (f" ({dp.world} processes)" if dp.world > 1 else ""))
+    processes = f" ({dp.world} processes)" if dp.world > 1 else ""
+    if dp.sharded:
+        processes = f" ({dp.world} processes, FSDP: process 0 holds {dp.local_share(model):.1%} of the parameters)"
+    echo(f"training on {plan.n_examples} examples: {plan.total_steps} steps of {acc} x {global_batch}{processes}")
     logger = _Logger(out, plan.total_steps, step, t.progress_bar, main=dp.is_main)
     start = time.time()
     try:
@@ -224,18 +227,16 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
                             "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                             "elapsed_s": round(time.time() - start, 2), **dp.load.summary()})
             if (t.save_steps and step % t.save_steps == 0) or step == plan.total_steps:
-                extra = dp.checkpoint_extra(global_batch)
-                with dp.whole_parameters(model):
-                    if dp.is_main:
-                        ckpt.save_checkpoint(os.path.join(out, f"checkpoint-{step}"), accelerator.unwrap_model(model),
-                                             optimizer=optimizer, scheduler=scheduler, step=step,
-                                             run_config=cfg.to_dict(), extra=extra)
-                        ckpt.rotate(out, t.save_total_limit)
+                ckpt.save_checkpoint(os.path.join(out, f"checkpoint-{step}"), accelerator.unwrap_model(model),
+                                     optimizer=optimizer, scheduler=scheduler, step=step, run_config=cfg.to_dict(),
+                                     extra=dp.checkpoint_extra(global_batch), write=dp.is_main)
+                if dp.is_main:
+                    ckpt.rotate(out, t.save_total_limit)
                 dp.barrier()
     finally:
         logger.close()
     final = os.path.join(out, ADAPTER_DIR)
-    with dp.whole_parameters(model):
+    with ckpt.whole_parameters(model, keep=dp.is_main):
         if dp.is_main:
             atomic_dir(final, accelerator.unwrap_model(model).save_pretrained)
     dp.barrier()
