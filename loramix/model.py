@@ -6,6 +6,7 @@ import os
 from typing import Callable, Iterator
 
 import torch
+from peft import PeftModel
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
@@ -22,6 +23,10 @@ from .nn.moe import MixLoraFFN, collect_routing
 from .nn.routing import RoutingRecord, build_router
 
 RoutingHook = Callable[[list[RoutingRecord]], list[RoutingRecord]]
+
+
+ADAPTER_NAME = "default"  # PEFT's name for a model's single adapter
+ROUTER_LOSS_CONFIG_KEYS = ("output_router_logits", "router_aux_loss_coef")  # set on the HF config for TRL
 
 
 def _inject(model: nn.Module, config: MixLoraConfig, family: Family) -> None:
@@ -55,21 +60,29 @@ def _expert_loras(config: MixLoraConfig, projection: nn.Module, device: torch.de
     return loras
 
 
-class MixLoraModel(nn.Module):
+class MixLoraModel(PeftModel):
     """A frozen HF causal LM with MixLoRA injected; ``base_model`` is that HF model.
 
     Calling it returns a ``MoeCausalLMOutputWithPast`` whose ``loss`` is cross-entropy plus the router
     auxiliary loss (when labels are given) and whose ``aux_loss`` is the auxiliary loss alone.
+
+    It is a ``peft.PeftModel`` by type only, because transformers' Trainer and TRL recognise adapter models
+    by that class: they then save checkpoints with ``save_pretrained`` (the adapter only), resume them with
+    ``load_adapter`` and patch TRL's fused LM head into ``get_base_model()`` (docs/trainers.md). None of
+    PeftModel's own machinery (its constructor, tuners, adapter switching) is used. As in PEFT, an attribute
+    the wrapper lacks is looked up on the HF model (``generation_config``, ``can_generate``,
+    ``get_input_embeddings``, ``enable_input_require_grads``, ...).
     """
 
     def __init__(self, base_model: nn.Module, config: MixLoraConfig) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not PeftModel.__init__: that one builds PEFT's own tuners
         self.family = family_for(base_model)
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(base_model.config, "name_or_path", None) or None
         for param in base_model.parameters():
             param.requires_grad_(False)
         _inject(base_model, config, self.family)
+        _declare_router_loss(base_model.config, config)
         self.base_model = base_model
         self.mixlora_config = config
         self._moe_layers = [m for m in base_model.modules() if isinstance(m, MixLoraFFN)]
@@ -86,6 +99,19 @@ class MixLoraModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.base_model.parameters()).device
+
+    @property
+    def active_adapter(self) -> str:
+        """The one adapter's name, as PEFT names a single adapter (transformers' Trainer asks on resume)."""
+        return ADAPTER_NAME
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [ADAPTER_NAME]
+
+    def get_base_model(self) -> nn.Module:
+        """The HF model (with MixLoRA injected), as PEFT's ``get_base_model`` returns it."""
+        return self.base_model
 
     @property
     def activation_name(self) -> str | None:
@@ -120,23 +146,48 @@ class MixLoraModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """transformers' activation checkpointing, non-reentrant so router logits keep their graph."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        **options) -> None:
+        """transformers' activation checkpointing, non-reentrant so router logits keep their graph.
 
-    def gradient_checkpointing_disable(self) -> None:
+        ``options`` (``every_n_layers``, ``offload``: what transformers' Trainer passes) go to the HF model."""
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **options)
+        else:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **options)
+
+    def activation_checkpointing_disable(self) -> None:
         if hasattr(self.base_model, "activation_checkpointing_disable"):
             self.base_model.activation_checkpointing_disable()
         else:
             self.base_model.gradient_checkpointing_disable()
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **options) -> None:
+        """The older name of :meth:`activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **options)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.activation_checkpointing_disable()
+
     # ---- forward ---------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **kwargs) -> MoeCausalLMOutputWithPast:
+                labels: torch.Tensor | None = None, *, num_items_in_batch: torch.Tensor | int | None = None,
+                output_router_logits: bool | None = None, **kwargs) -> MoeCausalLMOutputWithPast:
+        """``num_items_in_batch`` (transformers' Trainer passes it): the predicted tokens of the whole batch the
+        optimizer step sees (all accumulated micro-batches, all processes). Cross-entropy is then summed and
+        divided by it, and the router loss weighted by this micro-batch's share of those tokens, so that the
+        micro-batches' losses add up to the batch's. ``output_router_logits`` is accepted as HF MoE models accept
+        it; the router logits are always recorded (:meth:`router_logits`).
+
+        With ``fused_lm_head=True`` (TRL's SFTTrainer, after patching its fused LM head into the HF model) the
+        HF model's fused output (per-token log-probabilities, no logits) is returned, with ``aux_loss`` set.
+        """
+        fused = bool(kwargs.get("fused_lm_head"))
+        if fused:  # else TRL's head computes a Mixtral router loss from the HF model's (absent) router logits
+            kwargs["output_router_logits"] = False
+        if num_items_in_batch is not None:
+            kwargs["num_items_in_batch"] = num_items_in_batch
         with collect_routing() as records:
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         token_mask = _token_mask(attention_mask, records)
@@ -144,7 +195,10 @@ class MixLoraModel(nn.Module):
         aux = self.router_loss(self.routing)
         loss = out.loss
         if loss is not None and aux is not None:
-            loss = loss + aux
+            loss = loss + aux * _token_share(labels, num_items_in_batch)
+        if fused:
+            out.loss, out.aux_loss = loss, aux
+            return out
         return MoeCausalLMOutputWithPast(
             loss=loss, aux_loss=aux, logits=out.logits, past_key_values=out.past_key_values,
             hidden_states=out.hidden_states, attentions=out.attentions,
@@ -164,10 +218,29 @@ class MixLoraModel(nn.Module):
         return self.base_model.generate(*args, **kwargs)
 
     # ---- files -------------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, *, format: str = "loramix") -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, *, format: str = "loramix",
+                        state_dict: dict[str, torch.Tensor] | None = None, is_main_process: bool = True) -> None:
         """Write ``adapter_config.json`` and the weights: ``adapter_model.safetensors`` (``format="loramix"``)
-        or the reference layout ``adapter_model.bin`` (``format="moe-peft"``)."""
-        adapter_folder.save_adapter(self, os.fspath(save_directory), format=format)
+        or the reference layout ``adapter_model.bin`` (``format="moe-peft"``).
+
+        As transformers' Trainer calls it: ``state_dict`` (this model's ``state_dict()``, which the Trainer
+        gathers under FSDP or DeepSpeed) supplies the adapter tensors instead of the parameters, and
+        ``is_main_process=False`` writes nothing.
+        """
+        if is_main_process:
+            adapter_folder.save_adapter(self, os.fspath(save_directory), format=format, state_dict=state_dict)
+
+    def load_adapter(self, adapter_path: str | os.PathLike, adapter_name: str = ADAPTER_NAME, *,
+                     is_trainable: bool = False) -> None:
+        """Copy the weights of a saved adapter of this same configuration (e.g. a Trainer checkpoint) into this
+        model, as transformers' Trainer does on resume; ``is_trainable`` as in :meth:`from_pretrained`."""
+        adapter_path = os.fspath(adapter_path)
+        if adapter_name != ADAPTER_NAME:
+            raise LoramixError(f"a MixLoraModel holds one adapter, {ADAPTER_NAME!r}; "
+                               f"got adapter_name {adapter_name!r}")
+        adapter_folder.check_same_config(adapter_path, self)
+        adapter_folder.load_adapter_weights(self, adapter_path)
+        self._set_trainable(is_trainable)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, adapter_path: str | os.PathLike, *,
@@ -183,10 +256,29 @@ class MixLoraModel(nn.Module):
         adapter_folder.check_base_matches(adapter_path, base_model)
         model = cls(base_model, config)
         adapter_folder.load_adapter_weights(model, adapter_path)
-        for _, param in model.trainable_parameters():
-            param.requires_grad_(is_trainable)
-        model.train(is_trainable)
+        model._set_trainable(is_trainable)
         return model
+
+    def _set_trainable(self, trainable: bool) -> None:
+        for _, param in self.trainable_parameters():
+            param.requires_grad_(trainable)
+        self.train(trainable)
+
+
+def _declare_router_loss(hf_config, config: MixLoraConfig) -> None:
+    """Mark the HF config as an MoE's, as TRL's SFTTrainer reads one: with ``output_router_logits`` declared it
+    adds ``router_aux_loss_coef * output.aux_loss`` to its loss (and logs ``aux_loss``). Our ``aux_loss``
+    already carries MixLoRA's coefficients, hence 1 (0: the router loss is off)."""
+    for key, value in zip(ROUTER_LOSS_CONFIG_KEYS, (False, 1.0 if config.router_loss else 0.0)):
+        setattr(hf_config, key, value)
+
+
+def _token_share(labels: torch.Tensor | None, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor | float:
+    """This micro-batch's predicted tokens (labels ``[B, S]`` shift left by one; -100: no loss) over
+    ``num_items_in_batch``; 1 without."""
+    if labels is None or num_items_in_batch is None:
+        return 1.0
+    return (labels[:, 1:] != -100).sum() / num_items_in_batch
 
 
 def _token_mask(attention_mask: torch.Tensor | None, records: list[RoutingRecord]) -> torch.Tensor | None:

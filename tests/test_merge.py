@@ -51,6 +51,9 @@ def test_single_expert_adapter_merges_into_the_base_architecture(tmp_path, model
     assert type(dense) is type(tiny_model(model_type))
     assert summary.num_params == sum(p.numel() for p in dense.parameters())
     assert (logits(model) - logits(dense)).abs().max().item() <= 1e-4
+    # The MoE's router-loss declaration for TRL (MixLoraModel sets it on the HF config) is not the dense model's.
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert not {"output_router_logits", "router_aux_loss_coef"} & written.keys()
 
 
 def test_adapter_without_expert_loras_merges_fully(tmp_path):

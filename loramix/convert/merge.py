@@ -15,6 +15,7 @@ import torch
 from ..errors import LoramixError
 from ..families import activation_name, resolve_targets
 from ..io import model_folder
+from ..model import ROUTER_LOSS_CONFIG_KEYS
 from ..nn.lora import LoraLinear
 from .fold import base_tensors, cast, check_unquantised, dense_ffn_tensors, lora_merged_weight, model_dtype
 
@@ -106,6 +107,8 @@ def merge_adapter(model, out_dir: str | os.PathLike, *, what: str = "all", dtype
     config = copy.deepcopy(hf_model.config)
     config.dtype = dtype
     vars(config).pop("quantization_config", None)  # the weights are written dequantised
+    for key in ROUTER_LOSS_CONFIG_KEYS:  # the MixLoRA model's, for TRL: not the dense model's
+        vars(config).pop(key, None)
     if what == "all":
         _set_activation(config, model.activation_name)
     config.architectures = [type(hf_model).__name__]

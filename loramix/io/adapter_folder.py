@@ -28,15 +28,21 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 FORMATS = ("loramix", "moe-peft")
 
 
-def save_adapter(model: "MixLoraModel", directory: str, *, format: str) -> None:
-    """Write the adapter config and weights into ``directory``; each file is replaced atomically."""
+def save_adapter(model: "MixLoraModel", directory: str, *, format: str,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the adapter config and weights into ``directory``; each file is replaced atomically.
+
+    ``state_dict``: the model's ``state_dict()`` (keys ``base_model.<adapter key>``), whose adapter tensors are
+    written instead of the parameters (loramix format only)."""
     if format not in FORMATS:
         raise LoramixError(f"unknown adapter format {format!r}; choose one of {', '.join(FORMATS)}")
+    if state_dict is not None and format != "loramix":
+        raise LoramixError(f"saving from a state_dict writes the loramix format, not {format!r}")
     os.makedirs(directory, exist_ok=True)
     if format == "loramix":
-        tensors = {name: p.detach().to("cpu", torch.float32).contiguous() for name, p in model.trainable_parameters()}
-        config = model.mixlora_config.to_dict()
-        config["act_fn"] = model.activation_name
+        source = dict(model.trainable_parameters()) if state_dict is None else _adapter_entries(model, state_dict)
+        tensors = {name: p.detach().to("cpu", torch.float32).contiguous() for name, p in source.items()}
+        config = _config_dict(model)
         metadata = {"format": "pt", "model_type": model.config.model_type,
                     "num_hidden_layers": str(len(model.moe_layers()))}
         atomic_write(os.path.join(directory, SAFETENSORS_NAME), lambda p: save_file(tensors, p, metadata=metadata))
@@ -45,6 +51,34 @@ def save_adapter(model: "MixLoraModel", directory: str, *, format: str) -> None:
         config = moe_peft.config_dict(model)
         atomic_write(os.path.join(directory, moe_peft.WEIGHTS_NAME), lambda p: torch.save(tensors, p))
     atomic_write(os.path.join(directory, CONFIG_NAME), lambda p: write_json(config, p))
+
+
+def _config_dict(model: "MixLoraModel") -> dict:
+    """The adapter_config.json of ``model`` in loramix's format (the activation spelled out)."""
+    return {**model.mixlora_config.to_dict(), "act_fn": model.activation_name}
+
+
+def _adapter_entries(model: "MixLoraModel", state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    entries = {}
+    for name, _ in model.trainable_parameters():
+        key = f"base_model.{name}"
+        if key not in state_dict:
+            raise LoramixError(f"the state_dict to save has no adapter tensor {key!r}")
+        entries[name] = state_dict[key]
+    return entries
+
+
+def check_same_config(directory: str, model: "MixLoraModel") -> None:
+    """Before loading weights into an existing model: the folder's adapter config must be the model's (the
+    base model's name and an unrecorded activation aside); the error names the first field that differs."""
+    found = read_adapter_config(directory).to_dict()
+    if found.get("act_fn") is None:
+        found["act_fn"] = model.activation_name
+    ours = _config_dict(model)
+    for key in ours:
+        if key != "base_model_name_or_path" and found.get(key) != ours[key]:
+            raise LoramixError(f"{os.path.join(directory, CONFIG_NAME)}: {key} is {found.get(key)!r}, "
+                               f"the model's adapter has {ours[key]!r}")
 
 
 def resolve_adapter_dir(name_or_path: str) -> str:
