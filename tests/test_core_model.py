@@ -204,6 +204,9 @@ def test_bf16_base_keeps_adapter_math_in_fp32():
     assert all(r.dtype == torch.float32 for r in bf16.router_logits())
     out.loss.backward()
     assert all(p.grad.dtype == torch.float32 for _, p in bf16.trainable_parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as TRL and Accelerate's bf16 run the forward
+        autocast = fp32(input_ids=ids, attention_mask=mask, labels=ids)
+    assert all(r.dtype == torch.float32 for r in fp32.router_logits()) and autocast.aux_loss.dtype == torch.float32
     ref = fp32(input_ids=ids, attention_mask=mask).logits
     assert (out.logits.float() - ref).abs().max() < 0.1
 

@@ -99,8 +99,9 @@ class TopKRouter(nn.Module):
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``[T, D]`` -> fp32 ``[T, E]``."""
-        return F.linear(x.float(), self.weight)
+        """x: ``[T, D]`` -> fp32 ``[T, E]`` (fp32 under autocast too)."""
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight)
 
     def forward(self, x: torch.Tensor, *, batch_shape: tuple[int, ...] | None = None) -> RoutingRecord:
         """x: ``[T, D]`` -> the record. ``batch_shape`` (``(B, S)``, ``B*S == T``) is for routers that look at
