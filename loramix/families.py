@@ -114,7 +114,13 @@ def projection_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | N
 
 
 def projection_shape(module: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a Linear or Conv1D projection."""
+    """``(in_features, out_features)`` of a Linear or Conv1D projection.
+
+    Linear layers answer from their ``in_features`` / ``out_features``: a quantised one (bitsandbytes'
+    ``Linear4bit`` and ``Linear8bitLt`` are Linear subclasses) keeps a packed weight of another shape.
+    """
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
     weight, _ = projection_weight(module)
     return weight.shape[1], weight.shape[0]
 

@@ -16,6 +16,7 @@ from .families import Family, activation_name, decoder_layers, family_for, resol
 from .io import adapter_folder
 from .nn.lora import LoraLinear
 from .nn.moe import DISPATCHES, MixLoraFFN
+from .nn.quantized import keep_canonical_layouts, parameter_count
 from .nn.routing import auxiliary_loss, build_router
 
 
@@ -56,6 +57,7 @@ class MixLoraModel(nn.Module):
             config.base_model_name_or_path = getattr(base_model.config, "name_or_path", None) or None
         for param in base_model.parameters():
             param.requires_grad_(False)
+        keep_canonical_layouts(base_model)  # 4-bit bases: one forward function in train and eval mode
         _inject(base_model, config, self.family)
         self.base_model = base_model
         self.mixlora_config = config
@@ -96,7 +98,7 @@ class MixLoraModel(nn.Module):
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for _, p in self.trainable_parameters())
-        total = sum(p.numel() for p in self.base_model.parameters())
+        total = sum(parameter_count(p) for p in self.base_model.parameters())
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
@@ -105,11 +107,7 @@ class MixLoraModel(nn.Module):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """transformers' activation checkpointing, non-reentrant so router logits keep their graph."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_activation_checkpointing(self.base_model, gradient_checkpointing_kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
         if hasattr(self.base_model, "activation_checkpointing_disable"):
@@ -171,6 +169,15 @@ class MixLoraModel(nn.Module):
             param.requires_grad_(is_trainable)
         model.train(is_trainable)
         return model
+
+
+def enable_activation_checkpointing(hf_model: nn.Module, kwargs: dict | None = None) -> None:
+    """transformers' activation checkpointing on ``hf_model``, non-reentrant unless ``kwargs`` say otherwise."""
+    kwargs = {"use_reentrant": False, **(kwargs or {})}
+    if hasattr(hf_model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _is_adapter_param(name: str) -> bool:
