@@ -11,6 +11,7 @@ import dataclasses
 import json
 
 from ..errors import LoramixError
+from .common import quiet_transformers
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -29,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from ..runconfig import load_run_config
 
     cfg = load_run_config(args.config, args.set)
+    quiet_transformers()
     adapter = dict(cfg.adapter)
     if adapter.pop("type", "mixlora") != "mixlora":
         raise LoramixError(f"{args.config}: adapter.type must be mixlora (MixLoRA keys) to compare the methods")
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def memory_rows(hf_config, config, cfg) -> list[dict]:
-    """MixLoRA's memory per GPU in GiB (loramix.tools.memory.estimate) for bf16 weights and the config's
+    """MixLoRA's memory per GPU in bytes (loramix.tools.memory.estimate) for bf16 weights and the config's
     quantisation (nf4 without one), each without and with checkpointing; [] for a base of another shape."""
     from ..tools.memory import Shape, estimate
 
@@ -71,13 +73,15 @@ def memory_rows(hf_config, config, cfg) -> list[dict]:
             e = estimate(shape, batch=cfg.train.micro_batch_size, seq=cfg.data.cutoff_len, r=config.expert_value("r"),
                          experts=config.num_experts, top_k=config.top_k or config.num_experts,
                          dropout=config.lora_dropout > 0, checkpointing=checkpointing, quantization=weights,
-                         double_quant=double_quant and weights is not None).gib()
+                         double_quant=double_quant and weights is not None)
             rows.append({"base": weights or "bf16", "double_quant": double_quant and weights is not None,
-                         "checkpointing": checkpointing, **e})
+                         "checkpointing": checkpointing, **dataclasses.asdict(e), "total": e.total})
     return rows
 
 
 def print_memory(rows: list[dict], cfg) -> None:
+    from ..tools.memory import GIB
+
     if not rows:
         print("memory: the planner covers LLaMA-shaped bases (gated FFN, q/k/v/o) only")
         return
@@ -86,9 +90,10 @@ def print_memory(rows: list[dict], cfg) -> None:
     print(f"{'base':<10}{'checkpointing':>14}{'frozen':>9}{'adapter+grad+adam':>19}{'activations':>13}"
           f"{'other':>8}{'total':>8}")
     for row in rows:
-        trained = row["adapter"] + row["gradients"] + row["optimizer"]
-        other = row["logits"] + row["dequantized"] + row["ddp_buckets"]
+        gib = {key: value / GIB for key, value in row.items() if isinstance(value, int) and not isinstance(value, bool)}
+        trained = gib["adapter"] + gib["gradients"] + gib["optimizer"]
+        other = gib["logits"] + gib["dequantized"] + gib["ddp_buckets"]
         base = row["base"] + ("+dq" if row["double_quant"] else "")
-        print(f"{base:<10}{'on' if row['checkpointing'] else 'off':>14}{row['weights']:>9.2f}"
-              f"{trained:>19.2f}{row['activations']:>13.2f}{other:>8.2f}{row['total']:>8.2f}")
+        print(f"{base:<10}{'on' if row['checkpointing'] else 'off':>14}{gib['weights']:>9.2f}"
+              f"{trained:>19.2f}{gib['activations']:>13.2f}{other:>8.2f}{gib['total']:>8.2f}")
 

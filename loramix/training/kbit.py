@@ -9,7 +9,11 @@ on gradient checkpointing with gradients on the input embeddings' output. Here:
   has fp32's range, transformers' norms compute in fp32 anyway and the loss upcasts the logits, and an fp32
   norm weight would turn every activation after it into fp32 (twice the activation memory) for no gain;
 - gradient checkpointing, non-reentrant by default, and gradients on the input embeddings' output, which
-  reentrant checkpointing needs to reach the first layer's adapter (the non-reentrant kind does not).
+  reentrant checkpointing needs to build any graph (the non-reentrant kind does not). The reentrant kind
+  also runs the layers under no_grad, so the router loss cannot reach the routers through it: keep the
+  default;
+- the 4-bit layers kept in bitsandbytes' canonical packing (nn/quantized.py), as get_mixlora_model does,
+  for PEFT baselines too.
 
 The run config does the same for a quantised ``model`` (``train.gradient_checkpointing`` on unless set false).
 """
@@ -20,6 +24,7 @@ import torch
 from torch import nn
 
 from ..model import MixLoraModel, enable_activation_checkpointing
+from ..nn.quantized import keep_canonical_layouts
 
 
 def prepare_model_for_kbit_training(model: nn.Module, *, use_gradient_checkpointing: bool = True,
@@ -30,6 +35,7 @@ def prepare_model_for_kbit_training(model: nn.Module, *, use_gradient_checkpoint
     ``gradient_checkpointing_kwargs`` go to ``torch.utils.checkpoint`` (default ``use_reentrant=False``).
     """
     hf_model = model.base_model if isinstance(model, MixLoraModel) else model
+    keep_canonical_layouts(hf_model)
     for param in hf_model.parameters():
         if param.dtype == torch.float16:
             param.data = param.data.float()
