@@ -181,7 +181,7 @@ def test_dispatch_paths_on_an_8bit_base_agree_within_llm_int8s_own_error(base_di
     LLM.int8 itself is up to 10 % (logits) and 7.6 % (gradients) from the same adapter on its dequantised
     weights. In training mode on CPU bitsandbytes multiplies by the dequantised weight: the paths agree to
     fp32 round-off."""
-    for seed in range(3):
+    for seed in range(2):
         model = mixlora(quantized(base_dir, "int8"), seed=seed)
         ids, mask, labels = tokens(seed)
         for training, bound in ((False, (0.08, 0.1)), (True, (1e-4, 1e-4))):
@@ -257,7 +257,8 @@ def test_prepare_upcasts_fp16_only_and_checkpointing_keeps_the_gradients(base_di
         assert grads.keys() == want.keys()
         assert max(relative(grads[n], want[n]) for n in want) < 1e-4, kwargs
     model.base_model.disable_input_require_grads()  # what the reentrant kind needs them for: no graph at all
-    with pytest.raises(RuntimeError, match="does not require grad"):
+    with pytest.raises(RuntimeError, match="does not require grad"), \
+            pytest.warns(UserWarning, match="None of the inputs have requires_grad=True"):
         gradients(model)
 
 
