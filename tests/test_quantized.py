@@ -27,7 +27,7 @@ from loramix.loading import attach_adapter  # noqa: E402
 from loramix.nn.lora import LoraLinear  # noqa: E402
 from loramix.nn.quantized import dense_weight, keep_canonical_layouts, model_quantization, quantization_of  # noqa: E402
 from loramix.runconfig import ModelSpec, build_run_config  # noqa: E402
-from loramix.tools.memory import Shape, estimate, frozen_weight_bytes  # noqa: E402
+from loramix.tools.memory import Shape, estimate, frozen_weight_bytes, stored_bytes  # noqa: E402
 
 from conftest import copy_into_peft, randomize_adapter, run_dispatch  # noqa: E402
 from helpers_cli import tiny_llama_dir, tiny_run_config, toy_classification  # noqa: E402
@@ -238,7 +238,8 @@ def test_prepare_upcasts_fp16_only_and_checkpointing_keeps_the_gradients(base_di
     assert norms and all(p.dtype == torch.float32 for p in norms)
     assert fp16.get_input_embeddings().weight.dtype == torch.float32
     assert all(p.dtype == torch.uint8 for n, p in fp16.named_parameters() if n.endswith("proj.weight"))
-    bf16 = loramix.prepare_model_for_kbit_training(quantized(base_dir, "nf4-double-bf16"), use_gradient_checkpointing=False)
+    bf16 = loramix.prepare_model_for_kbit_training(quantized(base_dir, "nf4-double-bf16"),
+                                                   use_gradient_checkpointing=False)
     assert bf16.get_input_embeddings().weight.dtype == torch.bfloat16
 
     ids, mask, labels = tokens()
@@ -337,7 +338,7 @@ def test_missing_or_old_bitsandbytes_and_bases_that_cannot_take_it(base_dir, tmp
         return found
 
     monkeypatch.setattr(importlib.metadata, "version", lambda name: version(name, None))
-    with pytest.raises(LoramixError, match=r"needs bitsandbytes, which is not installed: pip install 'loramix\[quant\]'"):
+    with pytest.raises(LoramixError, match=r"needs bitsandbytes, which is not installed: pip install 'loramix\[quant"):
         load_base_model(spec)
     monkeypatch.setattr(importlib.metadata, "version", lambda name: version(name, "0.42.0"))
     with pytest.raises(LoramixError, match=r"needs bitsandbytes >= 0.50, found 0.42.0"):
@@ -365,6 +366,16 @@ def test_loramix_train_on_an_nf4_base_end_to_end(base_dir, tmp_path, capsys):
         assert isinstance(attach_adapter(base, adapter), MixLoraModel)
 
 
+def test_fsdp_over_a_quantised_base_is_refused_before_loading(base_dir, tmp_path, monkeypatch):
+    from loramix.training import trainer
+
+    monkeypatch.setattr(trainer.DataParallel, "sharded", property(lambda self: True))
+    raw = tiny_run_config(base_dir, toy_classification(tmp_path / "toy.jsonl"), tmp_path / "run")
+    raw["model"]["quantization"] = "nf4"
+    with pytest.raises(LoramixError, match=r"model.quantization nf4 under FSDP is not supported"):
+        trainer.train(build_run_config(raw), echo=lambda _: None)
+
+
 def test_generate_command_with_quantization_flag(base_dir, tmp_path, capsys):
     mixlora(quantized(base_dir, "nf4")).save_pretrained(tmp_path / "adapter")
     assert cli_main(["generate", "--model", str(base_dir), "--quantization", "nf4", "--adapter",
@@ -373,27 +384,13 @@ def test_generate_command_with_quantization_flag(base_dir, tmp_path, capsys):
 
 
 # ---- memory ---------------------------------------------------------------------------------------------------------
-def _stored_bytes(model) -> int:
-    """Bytes a model holds: its parameters and buffers and, for bitsandbytes layers, their quantisation state."""
-    total = sum(p.untyped_storage().nbytes() for p in model.parameters())
-    for module in model.modules():
-        if quantization_of(module) == "int8":
-            total += module.weight.SCB.nbytes if module.state.SCB is None else module.state.SCB.nbytes
-        elif quantization_of(module):
-            state = module.weight.quant_state
-            tensors = [state.absmax, state.code] + ([state.state2.absmax, state.state2.code, state.offset]
-                                                    if state.nested else [])
-            total += sum(t.nbytes for t in tensors)
-    return total
-
-
 @pytest.mark.parametrize("case", ["nf4", "nf4-double-bf16", "int8"])
 def test_frozen_weight_bytes_equal_what_bitsandbytes_stores(base_dir, case):
     base = quantized(base_dir, case)
     shape = Shape.from_hf_config(base.config)
     assert shape.tied and shape.kv_heads == 2
     dtype_bytes = 2 if CASES[case].get("dtype") == "bfloat16" else 4
-    assert _stored_bytes(base) == frozen_weight_bytes(shape, quantization=CASES[case]["quantization"],
+    assert stored_bytes(base) == frozen_weight_bytes(shape, quantization=CASES[case]["quantization"],
                                                       double_quant=CASES[case].get("double_quant", False),
                                                       weight_bytes=dtype_bytes)
 

@@ -15,8 +15,6 @@ from torch import nn
 
 from ..families import projection_weight
 
-QUANTIZATIONS = ("nf4", "fp4", "int8")
-
 
 def quantization_of(module: nn.Module) -> str | None:
     """``"nf4"``, ``"fp4"`` or ``"int8"`` for a bitsandbytes projection; None for any other module."""
@@ -38,7 +36,8 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     """A projection's weight as ``[out, in]``, outside the autograd graph.
 
     bitsandbytes layers: a new, dequantised tensor (4-bit: in the dtype the weight was quantised from;
-    8-bit: fp32, the int8 rows times their scales). Linear and GPT-2 Conv1D: the weight itself (a
+    8-bit: fp32, the int8 rows times their scales; a 4-bit layer bitsandbytes repacked for its CPU kernel
+    is first unpacked, :func:`keep_canonical_layout`). Linear and GPT-2 Conv1D: the weight itself (a
     transposed view for Conv1D).
     """
     quantization = quantization_of(module)

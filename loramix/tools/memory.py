@@ -101,6 +101,21 @@ def frozen_weight_bytes(s: Shape, *, quantization: str | None = None, double_qua
     return projections + weight_bytes * (base_parameters(s) - projection_parameters(s))
 
 
+def stored_bytes(model) -> int:
+    """What a loaded model holds, measured: its parameters' storage and, for bitsandbytes layers, their
+    quantisation state (4-bit absmax scales and code tables, 8-bit row scales)."""
+    total = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None:
+            nested = [state.state2.absmax, state.state2.code, state.offset] if state.nested else []
+            total += sum(t.nbytes for t in [state.absmax, state.code, *nested])
+        elif type(weight).__name__ == "Int8Params":  # the row scales move to the layer's state at its first forward
+            total += (module.state.SCB if module.state.SCB is not None else weight.SCB).nbytes
+    return total
+
+
 def adapter_parameters(s: Shape, *, r: int, experts: int) -> int:
     """Per layer: 4 attention LoRAs r(in + out), E expert LoRAs on gate/up/down r(D + I) each, router E x D."""
     d, i = s.hidden, s.intermediate

@@ -154,6 +154,9 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
     out = t.output_dir
     accelerator = make_accelerator(t.precision)
     dp = DataParallel(accelerator)
+    if dp.sharded and cfg.model.quantization:
+        raise LoramixError(f"model.quantization {cfg.model.quantization} under FSDP is not supported (the packed "
+                           "4-bit/8-bit weights would need sharding); train a quantised base with DDP")
     echo = echo if dp.is_main else (lambda _: None)
     specs = [dataclasses.replace(s, template=s.template or cfg.data.template) for s in cfg.data.datasets]
     examples = load_mixture(specs, seed=t.seed)
