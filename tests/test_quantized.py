@@ -29,7 +29,7 @@ from loramix.nn.quantized import dense_weight, keep_canonical_layouts, model_qua
 from loramix.runconfig import ModelSpec, build_run_config  # noqa: E402
 from loramix.tools.memory import Shape, estimate, frozen_weight_bytes, stored_bytes  # noqa: E402
 
-from conftest import copy_into_peft, randomize_adapter, run_dispatch  # noqa: E402
+from conftest import copy_into_peft, randomize_adapter, run_dispatch, tiny_config  # noqa: E402
 from helpers_cli import tiny_llama_dir, tiny_run_config, toy_classification  # noqa: E402
 from helpers_export import run_command  # noqa: E402
 
@@ -298,6 +298,15 @@ def test_merge_from_a_quantised_base(base_dir, case, tmp_path):
     assert relative(logits(rebuilt, ids, mask), logits(reference, ids, mask)) < 1e-5
     if case != "int8":
         assert relative(logits(model, ids, mask), logits(reference, ids, mask)) < 1e-5
+
+
+def test_merge_refuses_a_quantised_conv1d_base(tmp_path):
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("gpt2", n_embd=64)).save_pretrained(tmp_path / "gpt2")
+    base = load_base_model(ModelSpec(name_or_path=str(tmp_path / "gpt2"), quantization="nf4"), "cpu")
+    model = mixlora(base, num_experts=1, top_k=1)
+    with pytest.raises(LoramixError, match=r"store its Conv1D weights as \[in, out\]"):
+        merge_adapter(model, tmp_path / "merged")
 
 
 def test_export_command_loads_the_base_quantised(base_dir, tmp_path):

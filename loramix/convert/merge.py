@@ -17,7 +17,7 @@ from ..errors import LoramixError
 from ..families import activation_name, resolve_targets
 from ..io import model_folder
 from ..nn.lora import LoraLinear
-from ..nn.quantized import quantization_of
+from ..nn.quantized import model_quantization, quantization_of
 from .fold import base_tensors, cast, check_foldable, dense_ffn_tensors, lora_merged_weight, model_dtype
 
 ADAPTER_SUBDIR = "adapter"
@@ -110,6 +110,9 @@ def merge_adapter(model, out_dir: str | os.PathLike, *, what: str = "all", dtype
     out_dir = os.path.abspath(os.fspath(out_dir))
     hf_model = model.base_model
     check_foldable(hf_model)
+    if model.family.conv1d and model_quantization(hf_model):
+        raise LoramixError("merge: this base's checkpoints store its Conv1D weights as [in, out], which bitsandbytes "
+                           "replaced by [out, in] layers; load the base unquantised to merge")
     dtype = dtype or model_dtype(hf_model)
     model_folder.prepare_output_dir(out_dir, overwrite=overwrite)
     adapter_path = None
