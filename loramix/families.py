@@ -38,6 +38,7 @@ class Family:
     ffn_projections: tuple[str, ...]
     activation: str                      # attribute of the FFN holding its activation module
     ffn_dropout: str | None = None       # attribute of the FFN holding a dropout after the output projection
+    conv1d: bool = False                 # projections are transformers' Conv1D: checkpoints store W as [in, out]
 
     @property
     def all_projections(self) -> tuple[str, ...]:
@@ -68,6 +69,7 @@ FAMILIES: dict[str, Family] = {
     "gpt2": Family(
         layers="transformer.h", attention="attn", attention_projections=("c_attn", "c_proj"),
         mlp="mlp", ffn_kind=PLAIN, ffn_projections=("c_fc", "c_proj"), activation="act", ffn_dropout="dropout",
+        conv1d=True,
     ),
 }
 
@@ -114,7 +116,13 @@ def projection_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | N
 
 
 def projection_shape(module: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a Linear or Conv1D projection."""
+    """``(in_features, out_features)`` of a Linear or Conv1D projection.
+
+    Linear layers answer from their ``in_features`` / ``out_features``: a quantised one (bitsandbytes'
+    ``Linear4bit`` and ``Linear8bitLt`` are Linear subclasses) keeps a packed weight of another shape.
+    """
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
     weight, _ = projection_weight(module)
     return weight.shape[1], weight.shape[0]
 

@@ -51,4 +51,4 @@ def load_model(spec: ModelSpec, adapter: str | None = None, device: str = "auto"
     """(model with adapter or bare, on ``device`` (see :func:`resolve_device`), tokenizer)."""
     where = resolve_device(device)  # a bad name fails before the model loads
     tokenizer = load_tokenizer(spec)
-    return attach_adapter(load_base_model(spec), adapter).to(where), tokenizer
+    return attach_adapter(load_base_model(spec, where), adapter).to(where), tokenizer

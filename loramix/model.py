@@ -20,6 +20,7 @@ from .nn.experts import ExpertLoras
 from .nn.ffn import BaseFFN
 from .nn.lora import LoraLinear
 from .nn.moe import MixLoraFFN, collect_routing
+from .nn.quantized import keep_canonical_layouts, parameter_count
 from .nn.routing import RoutingRecord, build_router
 
 RoutingHook = Callable[[list[RoutingRecord]], list[RoutingRecord]]
@@ -81,6 +82,7 @@ class MixLoraModel(PeftModel):
             config.base_model_name_or_path = getattr(base_model.config, "name_or_path", None) or None
         for param in base_model.parameters():
             param.requires_grad_(False)
+        keep_canonical_layouts(base_model)  # 4-bit bases: one forward function in train and eval mode
         _inject(base_model, config, self.family)
         _declare_router_loss(base_model.config, config)
         self.base_model = base_model
@@ -139,7 +141,7 @@ class MixLoraModel(PeftModel):
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for _, p in self.trainable_parameters())
-        total = sum(p.numel() for p in self.base_model.parameters())
+        total = sum(parameter_count(p) for p in self.base_model.parameters())
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
@@ -151,11 +153,7 @@ class MixLoraModel(PeftModel):
         """transformers' activation checkpointing, non-reentrant so router logits keep their graph.
 
         ``options`` (``every_n_layers``, ``offload``: what transformers' Trainer passes) go to the HF model."""
-        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
-        if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **options)
-        else:
-            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **options)
+        enable_activation_checkpointing(self.base_model, activation_checkpointing_kwargs, **options)
 
     def activation_checkpointing_disable(self) -> None:
         if hasattr(self.base_model, "activation_checkpointing_disable"):
@@ -288,6 +286,16 @@ def _token_mask(attention_mask: torch.Tensor | None, records: list[RoutingRecord
         return None
     rows = records[0].logits.shape[0] // attention_mask.shape[0]
     return attention_mask[:, -rows:].reshape(-1)
+
+
+def enable_activation_checkpointing(hf_model: nn.Module, kwargs: dict | None = None, **options) -> None:
+    """transformers' activation checkpointing on ``hf_model``, non-reentrant unless ``kwargs`` say otherwise;
+    ``options`` go to transformers' method."""
+    kwargs = {"use_reentrant": False, **(kwargs or {})}
+    if hasattr(hf_model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **options)
+    else:
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **options)
 
 
 def _is_adapter_param(name: str) -> bool:

@@ -20,13 +20,19 @@ from .nn.dispatch import DEFAULT_DISPATCH, check_dispatch
 
 @dataclass
 class ModelSpec:
-    """The frozen base model: a hub id, a local folder, or a local ``.gguf`` file."""
+    """The frozen base model: a hub id, a local folder, or a local ``.gguf`` file.
+
+    ``quantization`` loads it through bitsandbytes (docs/quantization.md): ``nf4`` or ``fp4`` (4-bit,
+    computing in ``dtype``; ``double_quant`` also quantises the block scales) or ``int8`` (LLM.int8).
+    """
 
     name_or_path: str = ""
     gguf_file: str | None = None
     tokenizer: str | None = None
     dtype: str = "float32"
     trust_remote_code: bool = False
+    quantization: str | None = None
+    double_quant: bool = False
 
 
 @dataclass
@@ -81,7 +87,7 @@ class TrainSpec:
     adam_epsilon: float = 1e-8
     max_grad_norm: float | None = 1.0
     precision: str = "fp32"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None  # None: on for a quantised base, off otherwise
     fsdp: bool = False
     moe_dispatch: str = DEFAULT_DISPATCH
     seed: int = 42
@@ -109,6 +115,7 @@ class RunConfig:
 
 
 _PRECISIONS = ("fp32", "bf16")
+QUANTIZATIONS = ("nf4", "fp4", "int8")
 _SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "polynomial", "cosine_with_restarts")
 
 
@@ -173,6 +180,7 @@ def build_run_config(raw: Any, *, source: str = "config") -> RunConfig:
     model = _build(ModelSpec, raw.get("model"), "model")
     if not model.name_or_path:
         raise LoramixError(f"{source}: model.name_or_path is required (a hub id, a local folder or a .gguf file)")
+    check_quantization(model)
     adapter = dict(raw.get("adapter") or {})
     if adapter.setdefault("type", "mixlora") not in ("mixlora", "lora"):
         raise LoramixError(f"{source}: adapter.type must be 'mixlora' or 'lora', found {adapter['type']!r}")
@@ -189,6 +197,16 @@ def build_run_config(raw: Any, *, source: str = "config") -> RunConfig:
     if train.loraplus_lr_ratio < 1:
         raise LoramixError(f"train.loraplus_lr_ratio must be >= 1, found {train.loraplus_lr_ratio}")
     return RunConfig(model=model, adapter=adapter, data=data, train=train, source=source)
+
+
+def check_quantization(model: ModelSpec) -> None:
+    """``model.quantization`` is one of QUANTIZATIONS (or empty); ``double_quant`` needs a 4-bit one."""
+    if model.quantization is not None and model.quantization not in QUANTIZATIONS:
+        raise LoramixError(f"model.quantization must be one of {', '.join(QUANTIZATIONS)}, "
+                           f"found {model.quantization!r}")
+    if model.double_quant and model.quantization not in ("nf4", "fp4"):
+        raise LoramixError(f"model.double_quant quantises the scales of a 4-bit base: it needs model.quantization "
+                           f"nf4 or fp4, found {model.quantization or 'none'}")
 
 
 def apply_override(raw: dict, assignment: str) -> None:

@@ -139,8 +139,9 @@ def test_params_command(tmp_path, stories_path, capsys):
     assert main(["params", str(path), "--set", "adapter.lora_r=2"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[1].split() == ["method", "rank", "trainable", "share", "note"]
-    assert [line.split()[:2] for line in out.splitlines()[2:]] == [["lora", "2"], ["dora", "2"], ["mixlora", "4"],
-                                                                  ["mixdora", "4"]]
+    assert [line.split()[:2] for line in out.splitlines()[2:6]] == [["lora", "2"], ["dora", "2"], ["mixlora", "4"],
+                                                                   ["mixdora", "4"]]
+    assert "MixLoRA training memory per GPU" in out.splitlines()[7]  # then the memory table (test_quantized.py)
     assert main(["params", str(path), "--model", str(tmp_path / "gone")]) == 2
     assert "gone: no such model folder" in capsys.readouterr().err
     assert main(["params", str(path), "--model", str(tmp_path / "gone.gguf")]) == 2

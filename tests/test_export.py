@@ -196,8 +196,8 @@ def test_gguf_base_quantization_config_is_dropped_and_quantised_bases_refused(tm
     model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}
     export_moe(model, tmp_path / "moe")  # transformers dequantises GGUF weights on load: real numbers
     assert "quantization_config" not in json.loads((tmp_path / "moe" / "config.json").read_text())
-    model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
-    with pytest.raises(LoramixError, match="loaded quantised"):
+    model.config.quantization_config = {"quant_method": "gptq", "bits": 4}  # bitsandbytes: tests/test_quantized.py
+    with pytest.raises(LoramixError, match=r"loaded quantised \(gptq\), which loramix cannot dequantise"):
         export_moe(model, tmp_path / "other")
 
 

@@ -5,14 +5,20 @@ import pytest
 import torch
 
 from loramix import MixLoraConfig, get_mixlora_model
+from loramix.io.base_model import load_base_model
+from loramix.runconfig import ModelSpec
 from loramix.training.distributed import token_ce_sum
-from loramix.tools.memory import (LLAMA2_7B, Shape, adapter_parameters, base_parameters, estimate, layer_parameters,
-                                  saved_bytes_per_token)
+from loramix.tools.memory import (LLAMA2_7B, LLAMA2_70B, LLAMA3_8B, Shape, adapter_parameters, base_parameters,
+                                  estimate, frozen_weight_bytes, layer_parameters, saved_bytes_per_token)
 
 SMALL = Shape(hidden=96, intermediate=160, layers=2, heads=3, vocab=50)
+KW = dict(r=8, experts=4, top_k=2)
 
 
-def _model(s: Shape, *, r: int, experts: int, top_k: int, dropout: float, dtype=torch.float32):
+def _model(s: Shape, *, r: int, experts: int, top_k: int, dropout: float, dtype=torch.float32,
+           quantization: str | None = None, folder=None):
+    """(base, MixLoRA model) on a random LLaMA of shape ``s``; ``quantization``: the base saved in ``folder``
+    and loaded back through bitsandbytes."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -20,6 +26,10 @@ def _model(s: Shape, *, r: int, experts: int, top_k: int, dropout: float, dtype=
                       num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.heads,
                       pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     base = LlamaForCausalLM(cfg).to(dtype)
+    if quantization:
+        base.save_pretrained(folder)
+        spec = ModelSpec(name_or_path=str(folder), dtype=str(dtype).removeprefix("torch."), quantization=quantization)
+        base = load_base_model(spec, "cpu")
     return base, get_mixlora_model(base, MixLoraConfig(r=r, lora_alpha=2 * r, num_experts=experts, top_k=top_k,
                                                        lora_dropout=dropout))
 
@@ -33,10 +43,13 @@ def test_parameter_counts_by_hand_and_against_real_models():
     trainable, total = model.get_nb_trainable_parameters()
     assert trainable == 25152 and total - trainable == 175968
     assert base_parameters(LLAMA2_7B) == 6_738_415_616  # the published LLaMA-2-7B count
+    assert base_parameters(LLAMA2_70B) == 68_976_648_192  # grouped-query attention: k, v are D x D/8
+    assert base_parameters(LLAMA3_8B) == 8_030_261_248
 
 
 def _saved_bytes(model, tokens: torch.Tensor) -> int:
-    """Bytes of the distinct non-parameter storages autograd saves in a forward and the token loss."""
+    """Bytes of the distinct non-parameter storages autograd saves in a forward and the token loss, with the
+    inputs bitsandbytes' 8-bit matmuls keep on their autograd node (``A``, ``tensors``) outside its hooks."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -48,26 +61,56 @@ def _saved_bytes(model, tokens: torch.Tensor) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         output = model(input_ids=tokens, attention_mask=torch.ones_like(tokens))
-        token_ce_sum(output.logits, tokens)
+        loss = token_ce_sum(output.logits, tokens)
+    nodes, seen = [loss.grad_fn], set()
+    while nodes:
+        node = nodes.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for t in (getattr(node, "A", None), *(getattr(node, "tensors", None) or ())):
+            if isinstance(t, torch.Tensor):
+                pack(t)
+        nodes.extend(next_node for next_node, _ in node.next_functions)
     return sum(saved.values())
 
 
-@pytest.mark.parametrize("dropout,checkpointing", [(0.1, False), (0.0, False), (0.1, True)])
-def test_saved_activations_per_layer_match_a_real_bf16_forward(dropout, checkpointing):
-    """One more decoder layer adds ``saved_bytes_per_token * tokens`` to what autograd keeps: exactly for the fast
-    path of commit b379bfb; 15 % leaves room for its later changes without letting the estimate drift."""
-    kw = dict(r=8, experts=4, top_k=2)
-    tokens = torch.randint(3, SMALL.vocab, (2, 24))
+def _per_layer(tokens: torch.Tensor, folder, *, dropout: float, checkpointing: bool = False,
+               quantization: str | None = None) -> int:
+    """What one more decoder layer adds to :func:`_saved_bytes` in a bf16 training forward."""
     measured = []
     for layers in (2, 3):
-        _, model = _model(Shape(**{**SMALL.__dict__, "layers": layers}), dropout=dropout, dtype=torch.bfloat16, **kw)
+        _, model = _model(Shape(**{**SMALL.__dict__, "layers": layers}), dropout=dropout, dtype=torch.bfloat16,
+                          quantization=quantization, folder=folder / str(layers), **KW)
         if checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
         measured.append(_saved_bytes(model, tokens))
-    expected = saved_bytes_per_token(SMALL, dropout=dropout > 0, checkpointing=checkpointing, **kw) * tokens.numel()
-    assert measured[1] - measured[0] == pytest.approx(expected, rel=0.15), (
+    return measured[1] - measured[0]
+
+
+@pytest.mark.parametrize("dropout,checkpointing", [(0.1, False), (0.0, False), (0.1, True)])
+def test_saved_activations_per_layer_match_a_real_bf16_forward(dropout, checkpointing, tmp_path):
+    """One more decoder layer adds ``saved_bytes_per_token * tokens`` to what autograd keeps: exactly for the fast
+    path of commit b379bfb; 15 % leaves room for its later changes without letting the estimate drift."""
+    tokens = torch.randint(3, SMALL.vocab, (2, 24))
+    measured = _per_layer(tokens, tmp_path, dropout=dropout, checkpointing=checkpointing)
+    expected = saved_bytes_per_token(SMALL, dropout=dropout > 0, checkpointing=checkpointing, **KW) * tokens.numel()
+    assert measured == pytest.approx(expected, rel=0.15), (
         "the forward keeps other tensors now: update loramix/memory.py saved_bytes_per_token and docs/distributed.md")
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_a_quantised_base_keeps_exactly_what_the_planner_adds(quantization, tmp_path):
+    """A 4-bit base keeps what a bf16 one keeps (its matmul saves only the packed weight); an 8-bit one also
+    the matmul inputs nothing else keeps, on its autograd node: counted exactly."""
+    pytest.importorskip("bitsandbytes", reason="quantised bases need bitsandbytes (loramix[quant])")
+    tokens = torch.randint(3, SMALL.vocab, (2, 24))
+    extra = (_per_layer(tokens, tmp_path / "q", dropout=0.1, quantization=quantization)
+             - _per_layer(tokens, tmp_path / "plain", dropout=0.1))
+    per_token = (saved_bytes_per_token(SMALL, dropout=True, quantization=quantization, **KW)
+                 - saved_bytes_per_token(SMALL, dropout=True, **KW))
+    assert extra == per_token * tokens.numel()
 
 
 def test_estimate_adds_up():
@@ -80,6 +123,10 @@ def test_estimate_adds_up():
     per = saved_bytes_per_token(SMALL, r=4, experts=3, top_k=2, dropout=True, checkpointing=True)
     assert ckpt.ddp_buckets == 0 and ckpt.activations == 20 * (2 * per) + e.activations // 2
     assert e.total == e.weights + 20 * n + e.activations + e.logits
+    nf4 = estimate(SMALL, batch=2, seq=10, r=4, experts=3, quantization="nf4", double_quant=True)
+    assert nf4.weights == frozen_weight_bytes(SMALL, quantization="nf4", double_quant=True) < e.weights
+    assert nf4.dequantized == 2 * 96 * 160  # the largest projection (gate, up, down) in 16-bit
+    assert nf4.total == e.total - e.ddp_buckets - e.weights + nf4.weights + nf4.dequantized
 
 
 def test_fsdp_estimate_keeps_a_shard_of_each_state_and_gathers_the_root_and_two_layers():

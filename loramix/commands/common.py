@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging as std_logging
 import os
 from typing import Any
 
 from ..data import Example, canonical_task_name, load_examples
 from ..errors import LoramixError
-from ..runconfig import DatasetSpec, ModelSpec, RunConfig, load_run_config
+from ..runconfig import QUANTIZATIONS, DatasetSpec, ModelSpec, RunConfig, load_run_config
 from ..training.trainer import ADAPTER_DIR
 
 
@@ -19,6 +20,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="base model: hub id, local folder or .gguf file")
     g.add_argument("--tokenizer", help="tokenizer folder, when the model folder has none")
     g.add_argument("--dtype", help="float32 (default) or bfloat16")
+    add_quantization_args(g)
     g.add_argument("--adapter", help="a MixLoRA or PEFT LoRA adapter folder; 'none' for the bare model")
     g.add_argument("--device", default="auto", help="auto (default: the GPU when there is one), cpu, cuda, cuda:N")
 
@@ -37,6 +39,22 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="rows per forward (default: the config's train.eval_batch_size, else 8)")
 
 
+def add_quantization_args(g) -> None:
+    """``--quantization`` and ``--double-quant``: load the base through bitsandbytes (docs/quantization.md)."""
+    g.add_argument("--quantization", choices=QUANTIZATIONS,
+                   help="load the base quantised: nf4 or fp4 (4-bit, computing in --dtype) or int8 (LLM.int8)")
+    g.add_argument("--double-quant", action="store_true", help="with nf4/fp4: quantise the block scales too")
+
+
+def with_quantization(spec: ModelSpec, args: argparse.Namespace) -> ModelSpec:
+    """``spec`` with ``--quantization`` / ``--double-quant`` when given."""
+    if args.quantization:
+        spec = dataclasses.replace(spec, quantization=args.quantization, double_quant=False)
+    if args.double_quant:
+        spec = dataclasses.replace(spec, double_quant=True)
+    return spec
+
+
 def run_config(args: argparse.Namespace) -> RunConfig | None:
     return load_run_config(args.config, args.set) if args.config else None
 
@@ -50,6 +68,7 @@ def model_spec(args: argparse.Namespace, cfg: RunConfig | None) -> ModelSpec:
         spec = dataclasses.replace(spec, tokenizer=args.tokenizer)
     if args.dtype:
         spec = dataclasses.replace(spec, dtype=args.dtype)
+    spec = with_quantization(spec, args)
     if not spec.name_or_path:
         raise LoramixError("no model given: pass --model or --config")
     return spec
@@ -115,11 +134,13 @@ def eval_batch_size(args: argparse.Namespace, cfg: RunConfig | None) -> int:
 
 
 def quiet_transformers() -> None:
-    """Keep transformers' loading progress bars and advisory warnings off the CLI's output."""
+    """Keep transformers' loading progress bars and advisory warnings off the CLI's output, and bitsandbytes'
+    (a note per 8-bit matmul that its input is cast to fp16; a CPU kernel package that is not installed)."""
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    std_logging.getLogger("bitsandbytes").setLevel(std_logging.ERROR)
 
 
 def loaded_model(args: argparse.Namespace, cfg: RunConfig | None) -> tuple[Any, Any, str | None]:

@@ -5,6 +5,7 @@ import argparse
 import os
 
 from ..errors import LoramixError
+from .common import add_quantization_args, quiet_transformers, with_quantization
 
 
 def add_output_args(p: argparse.ArgumentParser) -> None:
@@ -17,6 +18,8 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="copy tokenizer files from this folder (default: the base model's)")
     p.add_argument("--max-shard-size", default="5GB", help="largest weight file, e.g. 5GB or 500MB")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
+    add_quantization_args(p.add_argument_group(
+        "quantised base", "load the base as the adapter was trained on it; its weights are dequantised, then folded"))
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -37,7 +40,6 @@ def load_mixlora(args: argparse.Namespace):
     from ..io.base_model import load_base_model, load_tokenizer
     from ..loading import adapter_kind, attach_adapter
     from ..runconfig import ModelSpec
-    from .common import quiet_transformers
 
     quiet_transformers()
     if adapter_kind(args.adapter) != "mixlora":
@@ -51,7 +53,7 @@ def load_mixlora(args: argparse.Namespace):
             except (OSError, ValueError) as e:
                 raise LoramixError(f"could not read the config of {args.model!r}: {str(e).splitlines()[0]}") from None
         dtype = found if found in ("float32", "bfloat16", "float16") else "float32"
-    spec = ModelSpec(name_or_path=args.model, dtype=dtype)
+    spec = with_quantization(ModelSpec(name_or_path=args.model, dtype=dtype), args)
     model = attach_adapter(load_base_model(spec), args.adapter)
     tokenizer = args.tokenizer or (args.model if os.path.isdir(args.model) else None)
     if tokenizer is None:  # a hub id or a .gguf file: save the tokenizer transformers builds from it

@@ -22,7 +22,7 @@ from ..errors import LoramixError
 from ..families import GATED
 from ..io import model_folder
 from ..nn.moe import MixLoraFFN
-from .fold import (Tensors, base_parameter_count, base_tensors, cast, check_unquantised, expert_merged_weight,
+from .fold import (Tensors, base_parameter_count, base_tensors, cast, check_foldable, expert_merged_weight,
                     model_dtype)
 
 # Config keys that are not copied from the base (set by the export, or bookkeeping; the weights are
@@ -250,7 +250,7 @@ def export_moe(model, out_dir: str | os.PathLike, *, architecture: str | None = 
     arch = architecture_for(model.config.model_type, architecture)
     check_exportable(model)
     hf_model = model.base_model
-    check_unquantised(hf_model)
+    check_foldable(hf_model)
     dtype = dtype or model_dtype(hf_model)
     config = moe_config(model, arch, dtype)
     layout = checkpoint_layout(config)

@@ -2,7 +2,8 @@
 
 A LoRA on ``W`` ``[out, in]`` folds to ``W + s B A``; with DoRA (magnitude ``m`` ``[out]``) to
 ``(m / ||W + s B A||_row)[:, None] * (W + s B A)``; biases are unchanged (DoRA adds them after scaling).
-Merge (dense checkpoints) and export (MoE checkpoints) both write from here.
+On a base loaded through bitsandbytes, ``W`` is the dequantised weight (nn/quantized.py): the one the
+adapter was trained against. Merge (dense checkpoints) and export (MoE checkpoints) both write from here.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import torch
 from torch import nn
 
 from ..errors import LoramixError
-from ..families import projection_weight
 from ..nn.lora import LoraLinear
 from ..nn.moe import MixLoraFFN
+from ..nn.quantized import dense_weight, parameter_count, quantization_of
 
 Tensors = Iterator[tuple[str, torch.Tensor]]
 
@@ -39,18 +40,17 @@ def _stored(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
 
 def lora_merged_weight(layer: LoraLinear) -> torch.Tensor:
     """The attention LoRA folded into its base weight (fp32, in the base weight's layout)."""
-    weight, _ = projection_weight(layer.base_layer)
-    return _stored(layer.base_layer, merged_weight(weight, layer.lora_A, layer.lora_B, scaling=layer.scaling,
-                                                   magnitude=layer.lora_magnitude))
+    return _stored(layer.base_layer, merged_weight(dense_weight(layer.base_layer), layer.lora_A, layer.lora_B,
+                                                   scaling=layer.scaling, magnitude=layer.lora_magnitude))
 
 
 def expert_merged_weight(ffn: MixLoraFFN, name: str, expert: int) -> torch.Tensor:
     """Expert ``expert``'s weight of FFN projection ``name``: the base weight plus that expert's LoRA
     (fp32, in the base weight's layout); the base weight as is when ``name`` is not targeted."""
     module = ffn.projection(name)
-    weight, _ = projection_weight(module)
+    weight = dense_weight(module)
     if name not in ffn.experts:
-        return module.weight.detach().float()
+        return _stored(module, weight).float()
     loras = ffn.experts[name]
     magnitude = None if loras.lora_magnitude is None else loras.lora_magnitude[expert]
     return _stored(module, merged_weight(weight, loras.lora_A[expert], loras.lora_B[expert],
@@ -59,20 +59,43 @@ def expert_merged_weight(ffn: MixLoraFFN, name: str, expert: int) -> torch.Tenso
 
 def dense_ffn_tensors(prefix: str, ffn: MixLoraFFN, *, expert: int | None) -> Tensors:
     """The FFN's tensors under its original names: the base FFN (``expert=None``) or expert ``expert``'s."""
-    for key, tensor in ffn.base_ffn.state_dict().items():
+    for key, tensor in dequantized_state(ffn.base_ffn):
         name, _, kind = key.rpartition(".")
         if expert is not None and kind == "weight" and name in ffn.experts:
             tensor = expert_merged_weight(ffn, name, expert)
         yield f"{prefix}.{key}", tensor
 
 
+def projection_tensors(prefix: str, module: nn.Module) -> Tensors:
+    """A projection's ``weight`` (dequantised from bitsandbytes' packing, in its stored layout) and ``bias``."""
+    yield f"{prefix}weight", _stored(module, dense_weight(module))
+    if getattr(module, "bias", None) is not None:
+        yield f"{prefix}bias", module.bias
+
+
+def dequantized_state(module: nn.Module) -> Tensors:
+    """``module.state_dict()`` with each bitsandbytes projection's packed weight and quantisation state given as
+    its dequantised ``weight`` and its ``bias``."""
+    quantized = {name: m for name, m in module.named_modules() if quantization_of(m)}
+    done: set[str] = set()
+    for key, tensor in module.state_dict().items():
+        owner = _owner(key, quantized)
+        if owner is None:
+            yield key, tensor
+        elif owner not in done:
+            done.add(owner)
+            yield from projection_tensors(f"{owner}.", quantized[owner])
+
+
 def base_tensors(hf_model: nn.Module, ffn_tensors: Callable[[str, MixLoraFFN], Tensors]) -> Tensors:
     """The injected HF model's tensors under the base model's own names, in state-dict order.
 
     Attention LoRAs come folded into their projection's weight; adapter parameters are left out; each
-    MixLoRA FFN contributes ``ffn_tensors(prefix, ffn)``. Tied weights (same storage) are given once.
+    MixLoRA FFN contributes ``ffn_tensors(prefix, ffn)``; other bitsandbytes projections come dequantised.
+    Tied weights (same storage) are given once.
     """
-    owners = {name: module for name, module in hf_model.named_modules() if isinstance(module, (LoraLinear, MixLoraFFN))}
+    owners = {name: module for name, module in hf_model.named_modules()
+              if isinstance(module, (LoraLinear, MixLoraFFN)) or quantization_of(module)}
     done: set[str] = set()
     seen_storage: set[tuple[int, tuple[int, ...]]] = set()
     for key, tensor in hf_model.state_dict().items():
@@ -88,6 +111,8 @@ def base_tensors(hf_model: nn.Module, ffn_tensors: Callable[[str, MixLoraFFN], T
             module = owners[owner]
             if isinstance(module, MixLoraFFN):
                 yield from ffn_tensors(owner, module)
+            elif not isinstance(module, LoraLinear):  # a quantised projection without an adapter
+                yield from projection_tensors(f"{owner}.", module)
             else:
                 yield f"{owner}.weight", lora_merged_weight(module)
                 if getattr(module.base_layer, "bias", None) is not None:
@@ -95,8 +120,9 @@ def base_tensors(hf_model: nn.Module, ffn_tensors: Callable[[str, MixLoraFFN], T
 
 
 def _owner(key: str, owners: dict[str, nn.Module]) -> str | None:
+    """The outermost owner module of state-dict ``key`` (a LoraLinear before the quantised layer inside it)."""
     parts = key.split(".")
-    for end in range(len(parts) - 1, 0, -1):
+    for end in range(1, len(parts)):
         prefix = ".".join(parts[:end])
         if prefix in owners:
             return prefix
@@ -109,21 +135,22 @@ def cast(tensors: Tensors, dtype: torch.dtype) -> Tensors:
 
 
 def base_parameter_count(model) -> int:
-    """Parameters of a MixLoraModel's base model alone (adapter excluded, tied weights once)."""
+    """Parameters of a MixLoraModel's base model alone (adapter excluded, tied weights once, 4-bit ones unpacked)."""
     adapter = {id(p) for _, p in model.trainable_parameters()}
-    return sum(p.numel() for p in model.base_model.parameters() if id(p) not in adapter)
+    return sum(parameter_count(p) for p in model.base_model.parameters() if id(p) not in adapter)
 
 
-def check_unquantised(hf_model: nn.Module) -> None:
-    """Folding needs real weights: refuse a base loaded quantised (GGUF files are dequantised on load)."""
+def check_foldable(hf_model: nn.Module) -> None:
+    """Folding needs weights it can read: GGUF bases are dequantised on load and bitsandbytes ones here
+    (:func:`~loramix.nn.quantized.dense_weight`); refuse any other quantisation."""
     quantization = getattr(hf_model.config, "quantization_config", None)
     if quantization is None:
         return
     method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
     method = str(getattr(method, "value", method))  # an enum in transformers' own configs
-    if method != "gguf":
-        raise LoramixError(f"the base model was loaded quantised ({method}); "
-                           "load it in float32/bfloat16 to fold the adapter into its weights")
+    if method not in ("gguf", "bitsandbytes"):
+        raise LoramixError(f"the base model was loaded quantised ({method}), which loramix cannot dequantise; "
+                           "load it in float32/bfloat16 (or through bitsandbytes) to fold the adapter")
 
 
 def model_dtype(hf_model: nn.Module) -> torch.dtype:

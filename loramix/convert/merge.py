@@ -11,13 +11,15 @@ import dataclasses
 import os
 
 import torch
+from torch import nn
 
 from ..errors import LoramixError
 from ..families import activation_name, resolve_targets
 from ..io import model_folder
 from ..model import ROUTER_LOSS_CONFIG_KEYS
 from ..nn.lora import LoraLinear
-from .fold import base_tensors, cast, check_unquantised, dense_ffn_tensors, lora_merged_weight, model_dtype
+from ..nn.quantized import model_quantization, quantization_of
+from .fold import base_tensors, cast, check_foldable, dense_ffn_tensors, lora_merged_weight, model_dtype
 
 ADAPTER_SUBDIR = "adapter"
 
@@ -54,14 +56,29 @@ def full_merge_refusal(model) -> str | None:
 
 
 def merge_attention_(model) -> None:
-    """In place: fold every attention LoRA into its projection and put the plain projection back."""
+    """In place: fold every attention LoRA into its projection and put the plain projection back (a dense
+    ``nn.Linear`` in the model's activation dtype where the projection was quantised)."""
+    dtype = model_dtype(model.base_model)
     for name, module in list(model.base_model.named_modules()):
         if isinstance(module, LoraLinear):
-            with torch.no_grad():
-                module.base_layer.weight.copy_(lora_merged_weight(module).to(module.base_layer.weight.dtype))
             parent_name, _, attr = name.rpartition(".")
-            setattr(model.base_model.get_submodule(parent_name), attr, module.base_layer)
+            setattr(model.base_model.get_submodule(parent_name), attr, _folded(module, dtype))
     model.mixlora_config = dataclasses.replace(model.mixlora_config, target_modules=_ffn_targets(model))
+
+
+def _folded(layer: LoraLinear, dtype: torch.dtype) -> nn.Module:
+    """``layer``'s base projection with its LoRA folded into the weight."""
+    base, merged = layer.base_layer, lora_merged_weight(layer)
+    if quantization_of(base) is not None:
+        dense = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=merged.device,
+                          dtype=dtype).requires_grad_(False)
+        if base.bias is not None:
+            with torch.no_grad():
+                dense.bias.copy_(base.bias)
+        base = dense
+    with torch.no_grad():
+        base.weight.copy_(merged.to(base.weight.dtype))
+    return base
 
 
 def _ffn_targets(model) -> list[str]:
@@ -91,7 +108,10 @@ def merge_adapter(model, out_dir: str | os.PathLike, *, what: str = "all", dtype
                               else " or export it as a MoE model (loramix export)"))
     out_dir = os.path.abspath(os.fspath(out_dir))
     hf_model = model.base_model
-    check_unquantised(hf_model)
+    check_foldable(hf_model)
+    if model.family.conv1d and model_quantization(hf_model):
+        raise LoramixError("merge: this base's checkpoints store its Conv1D weights as [in, out], which bitsandbytes "
+                           "replaced by [out, in] layers; load the base unquantised to merge")
     dtype = dtype or model_dtype(hf_model)
     model_folder.prepare_output_dir(out_dir, overwrite=overwrite)
     adapter_path = None

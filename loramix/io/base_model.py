@@ -1,13 +1,18 @@
-"""Load a base model, its tokenizer or its config (hub id, local folder or .gguf file), and pick a device."""
+"""Load a base model (plain or quantised through bitsandbytes), its tokenizer or its config (hub id, local
+folder or .gguf file), and pick a device."""
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from typing import Any
 
 import torch
+from packaging.version import Version
 
 from ..errors import LoramixError
-from ..runconfig import ModelSpec
+from ..runconfig import ModelSpec, check_quantization
+
+BITSANDBYTES_MIN_VERSION = "0.50"  # the version the tests run (its 4-bit and 8-bit layers work on CPU tensors)
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -55,13 +60,56 @@ def load_config(spec: ModelSpec) -> Any:
         raise LoramixError(f"model {spec.name_or_path!r}: cannot read its config ({first})") from None
 
 
-def load_base_model(spec: ModelSpec) -> Any:
-    """The HF causal LM, frozen-ready, in ``spec.dtype``."""
+def quantization_config(spec: ModelSpec) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for ``spec.quantization``, None without one.
+
+    ``nf4`` / ``fp4``: 4-bit weights computing in ``spec.dtype``, the block scales quantised too with
+    ``spec.double_quant``; ``int8``: LLM.int8 (outlier threshold 6, transformers' default). One-line errors
+    for a missing or old bitsandbytes and for a base that is already quantised or a .gguf file, all before
+    any weight is read.
+    """
+    check_quantization(spec)
+    if spec.quantization is None:
+        return None
+    try:
+        found = importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        raise LoramixError(f"model.quantization {spec.quantization} needs bitsandbytes, which is not installed: "
+                           "pip install 'loramix[quant]'") from None
+    if Version(found) < Version(BITSANDBYTES_MIN_VERSION):
+        raise LoramixError(f"model.quantization {spec.quantization} needs bitsandbytes >= {BITSANDBYTES_MIN_VERSION}, "
+                           f"found {found}: pip install -U 'loramix[quant]'")
+    if spec.gguf_file or spec.name_or_path.endswith(".gguf"):
+        raise LoramixError(f"model {spec.name_or_path!r}: a .gguf base is already quantised in its own format; "
+                           "drop model.quantization (it is dequantised on load) or quantise its original checkpoint")
+    saved = getattr(load_config(spec), "quantization_config", None)
+    if saved is not None:
+        method = saved.get("quant_method") if isinstance(saved, dict) else getattr(saved, "quant_method", saved)
+        raise LoramixError(f"model {spec.name_or_path!r} is already quantised ({getattr(method, 'value', method)}); "
+                           "drop model.quantization to load it as saved")
+    from transformers import BitsAndBytesConfig
+
+    if spec.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.quantization,
+                              bnb_4bit_use_double_quant=spec.double_quant,
+                              bnb_4bit_compute_dtype=_DTYPES[spec.dtype])
+
+
+def load_base_model(spec: ModelSpec, device: torch.device | str | None = None) -> Any:
+    """The HF causal LM, frozen-ready, in ``spec.dtype``; quantised as ``spec.quantization`` asks.
+
+    A quantised base is loaded straight onto ``device`` (default: :func:`resolve_device`'s ``auto``), where
+    bitsandbytes quantises it; a plain one loads on the CPU and the caller moves it.
+    """
     from transformers import AutoModelForCausalLM
 
     if spec.dtype not in _DTYPES:
         raise LoramixError(f"model.dtype must be one of {', '.join(_DTYPES)}, found {spec.dtype!r}")
+    quantization = quantization_config(spec)
     where, kwargs = _source(spec.name_or_path, spec.gguf_file)
+    if quantization is not None:
+        kwargs.update(quantization_config=quantization, device_map={"": str(device or resolve_device())})
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=_DTYPES[spec.dtype],
                                                      trust_remote_code=spec.trust_remote_code, **kwargs)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..families import projection_shape, projection_weight
+from .quantized import dense_weight
 
 
 def init_lora_A(weight: torch.Tensor, init: str, rank: int) -> None:
@@ -29,10 +30,10 @@ def dora_weight_norm(base_layer: nn.Module, lora_A: torch.Tensor, lora_B: torch.
                      scaling: float) -> torch.Tensor:
     """Row norms ``||W + s B A||`` (one per output unit), fp32 ``[out]``, outside the autograd graph.
 
-    base_layer: Linear or Conv1D with ``W`` ``[out, in]``; lora_A ``[r, in]``; lora_B ``[out, r]``.
+    base_layer: Linear, Conv1D or a bitsandbytes layer (dequantised) with ``W`` ``[out, in]``; lora_A ``[r, in]``;
+    lora_B ``[out, r]``.
     """
-    weight, _ = projection_weight(base_layer)
-    return torch.linalg.norm(weight.float() + scaling * (lora_B @ lora_A), dim=1)
+    return torch.linalg.norm(dense_weight(base_layer).float() + scaling * (lora_B @ lora_A), dim=1)
 
 
 def adapted_projection(base_layer: nn.Module, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, *,
@@ -50,11 +51,11 @@ def adapted_projection(base_layer: nn.Module, x: torch.Tensor, lora_A: torch.Ten
     if magnitude is None:
         return base + delta.to(base.dtype)
     scale = magnitude / dora_weight_norm(base_layer, lora_A, lora_B, scaling)            # [out]
-    weight, bias = projection_weight(base_layer)
+    bias = projection_weight(base_layer)[1]
     if isinstance(dropout, nn.Identity) or not dropout.training:
         plain = (base if bias is None else base - bias).float()                         # W x
     else:
-        plain = F.linear(dropped, weight.float())                                       # W x'
+        plain = F.linear(dropped, dense_weight(base_layer).float())                     # W x'
     return base + ((scale - 1) * plain + scale * delta).to(base.dtype)
 
 

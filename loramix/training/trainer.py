@@ -25,8 +25,10 @@ from ..io import checkpoint as ckpt
 from ..io.atomic import atomic_dir
 from ..io.base_model import load_base_model, load_tokenizer
 from ..model import get_mixlora_model
+from ..nn.quantized import model_quantization
 from ..runconfig import RunConfig, TrainSpec
 from .distributed import DataParallel, make_accelerator
+from .kbit import prepare_model_for_kbit_training
 from .methods import build_model, method_spec
 
 LOG_NAME = "log.jsonl"
@@ -152,6 +154,9 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
     out = t.output_dir
     accelerator = make_accelerator(t.precision)
     dp = DataParallel(accelerator, fsdp=t.fsdp)
+    if dp.sharded and cfg.model.quantization:
+        raise LoramixError(f"model.quantization {cfg.model.quantization} under FSDP is not supported (the packed "
+                           "4-bit/8-bit weights would need sharding); train a quantised base with DDP")
     echo = echo if dp.is_main else (lambda _: None)
     specs = [dataclasses.replace(s, template=s.template or cfg.data.template) for s in cfg.data.datasets]
     examples = load_mixture(specs, seed=t.seed)
@@ -168,8 +173,15 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
     plan = make_plan(len(features), dataclasses.replace(t, micro_batch_size=global_batch))
 
     set_seed(t.seed)
-    model = build_adapter_model(base_model if base_model is not None else load_base_model(cfg.model), cfg.adapter)
-    if t.gradient_checkpointing:
+    base = base_model if base_model is not None else load_base_model(cfg.model, accelerator.device)
+    quantization = model_quantization(base)
+    model = build_adapter_model(base, cfg.adapter)
+    checkpointing = t.gradient_checkpointing if t.gradient_checkpointing is not None else quantization is not None
+    if quantization is not None:
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+        echo(f"{quantization} base: gradient checkpointing {'on' if checkpointing else 'off'} "
+             "(train.gradient_checkpointing)")
+    elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "set_dispatch"):  # MixLoRA / MixDoRA (the LoRA / DoRA baselines have no MoE layers)
         model.set_dispatch(t.moe_dispatch)
