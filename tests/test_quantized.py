@@ -165,7 +165,7 @@ def test_adapter_files_move_between_quantised_and_plain_bases(base_dir, tmp_path
 def test_every_dispatch_path_equals_the_reference_on_a_4bit_base(base_dir, case):
     model = mixlora(quantized(base_dir, case)).train()
     ids, mask, labels = tokens()
-    ref, ref_grads = run_dispatch(model, "reference", input_ids=ids, attention_mask=mask, labels=labels)
+    ref, ref_grads = run_dispatch(model, "per_expert", input_ids=ids, attention_mask=mask, labels=labels)
     for dispatch in ("grouped", "dense"):
         out, grads = run_dispatch(model, dispatch, input_ids=ids, attention_mask=mask, labels=labels)
         assert relative(out.logits, ref.logits) < 1e-4 and abs(out.loss - ref.loss) < 1e-4
@@ -186,7 +186,7 @@ def test_dispatch_paths_on_an_8bit_base_agree_within_llm_int8s_own_error(base_di
         ids, mask, labels = tokens(seed)
         for training, bound in ((False, (0.08, 0.1)), (True, (1e-4, 1e-4))):
             model.train(training)
-            ref, ref_grads = run_dispatch(model, "reference", input_ids=ids, attention_mask=mask, labels=labels)
+            ref, ref_grads = run_dispatch(model, "per_expert", input_ids=ids, attention_mask=mask, labels=labels)
             want = torch.cat([g.flatten() for g in ref_grads.values()])
             for dispatch in ("grouped", "dense"):
                 out, grads = run_dispatch(model, dispatch, input_ids=ids, attention_mask=mask, labels=labels)
