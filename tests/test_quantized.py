@@ -375,11 +375,10 @@ def test_loramix_train_on_an_nf4_base_end_to_end(base_dir, tmp_path, capsys):
         assert isinstance(attach_adapter(base, adapter), MixLoraModel)
 
 
-def test_fsdp_over_a_quantised_base_is_refused_before_loading(base_dir, tmp_path, monkeypatch):
+def test_fsdp_over_a_quantised_base_is_refused_before_loading(base_dir, tmp_path):
     from loramix.training import trainer
 
-    monkeypatch.setattr(trainer.DataParallel, "sharded", property(lambda self: True))
-    raw = tiny_run_config(base_dir, toy_classification(tmp_path / "toy.jsonl"), tmp_path / "run")
+    raw = tiny_run_config(base_dir, toy_classification(tmp_path / "toy.jsonl"), tmp_path / "run", fsdp=True)
     raw["model"]["quantization"] = "nf4"
     with pytest.raises(LoramixError, match=r"model.quantization nf4 under FSDP is not supported"):
         trainer.train(build_run_config(raw), echo=lambda _: None)

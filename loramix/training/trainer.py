@@ -154,7 +154,7 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
     out = t.output_dir
     accelerator = make_accelerator(t.precision)
     dp = DataParallel(accelerator, fsdp=t.fsdp)
-    if dp.sharded and cfg.model.quantization:
+    if t.fsdp and cfg.model.quantization:
         raise LoramixError(f"model.quantization {cfg.model.quantization} under FSDP is not supported (the packed "
                            "4-bit/8-bit weights would need sharding); train a quantised base with DDP")
     echo = echo if dp.is_main else (lambda _: None)
