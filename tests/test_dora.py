@@ -115,7 +115,7 @@ def test_fresh_dora_is_the_base_model_and_magnitudes_start_at_row_norms():
     torch.testing.assert_close(q.lora_magnitude, q.base_layer.weight.norm(dim=1))
     fc1 = model.moe_layers()[0].experts["fc1"]
     assert fc1.lora_magnitude.shape == (3, fc1.lora_B.shape[1])
-    torch.testing.assert_close(fc1.lora_magnitude, model.moe_layers()[0].base.fc1.weight.norm(dim=1).expand(3, -1))
+    torch.testing.assert_close(fc1.lora_magnitude, model.moe_layers()[0].base_ffn.fc1.weight.norm(dim=1).expand(3, -1))
 
 
 def test_magnitudes_are_trained_and_expert_lora_can_limit_dora_to_the_experts():
