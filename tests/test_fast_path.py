@@ -17,7 +17,7 @@ from loramix import MixLoraConfig
 from loramix.tools.bench import peak_step_bytes
 from loramix.cli import main
 from loramix.errors import LoramixError
-from loramix.nn.dispatch.auto import AUTO_TABLE, auto_path
+from loramix.nn.dispatch.auto import AUTO_TABLE, auto_path, lora_widths
 from loramix.nn.dispatch.grouped import PairMix, PairMixSpec, sort_pairs
 from loramix.nn.dispatch.grouped_mm import offset_pairs
 
@@ -148,9 +148,10 @@ def test_dispatch_defaults_to_auto_and_names_are_checked():
 
 
 def test_auto_picks_the_path_of_its_table_for_the_device_dtype_and_widths():
-    aligned = mixlora("llama").moe_layers()[0].view()            # hidden 32, FFN 48: rows of 16-byte multiples
-    unaligned = mixlora("llama", base=dict(hidden_size=36, num_attention_heads=2,
-                                           num_key_value_heads=2)).moe_layers()[0].view()  # 72-byte bf16 rows
+    aligned = lora_widths(mixlora("llama").moe_layers()[0].view())  # {32, 48}: rows of 16-byte multiples
+    unaligned = lora_widths(mixlora("llama", base=dict(hidden_size=36, num_attention_heads=2,
+                                                       num_key_value_heads=2)).moe_layers()[0].view())
+    assert aligned == {32, 48} and unaligned == {36, 48}                # hidden 36: 72-byte bf16 rows
     bf16, fp32 = torch.bfloat16, torch.float32
     assert auto_path(aligned, "cpu", fp32) == auto_path(aligned, "cpu", bf16) == "grouped"
     assert auto_path(aligned, "cuda", bf16, 9) == auto_path(aligned, "cuda", bf16, 10) == "grouped_mm"
@@ -383,27 +384,61 @@ def test_peak_step_bytes_counts_the_live_peak_of_a_step():
     assert 3 << 20 <= peak < (3 << 20) + (64 << 10)
 
 
-def test_bench_command_prints_medians_memory_and_ratios_to_peft(tmp_path, capsys):
+TINY_BENCH = ["--hidden", "32", "--ffn", "48", "--layers", "2", "--vocab", "64", "--heads", "4", "--batch", "2",
+              "--seq", "8", "--decode-batch", "2", "--decode-prompt", "4", "--new-tokens", "3", "--experts", "4",
+              "--rank", "4", "--reps", "1", "--decode-reps", "1", "--warmup", "0", "--threads", "0"]
+
+
+def test_bench_command_prints_medians_memory_and_ratios_between_all_variants(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--hidden", "32", "--ffn", "48", "--layers", "2", "--vocab", "64", "--heads", "4",
-                 "--batch", "2", "--seq", "8", "--experts", "4", "--rank", "4", "--reps", "1", "--warmup", "0",
-                 "--threads", "0", "--output", str(out)]) == 0
+    assert main(["bench", *TINY_BENCH, "--output", str(out)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert json.loads(out.read_text()) == result
-    assert result["shape"]["hidden"] == 32 and result["shape"]["rank"] == 4
-    assert set(result["results"]) == {"peft-lora", *(f"mixlora-{name}" for name in loramix.DISPATCHES)}
+    assert result["shape"]["hidden"] == 32 and result["shape"]["rank"] == 4 and result["auto"] == "grouped"
+    variants = {"peft-lora", *(f"mixlora-{name}" for name in ("auto", *loramix.DISPATCHES))}
+    assert set(result["results"]) == variants
     for res in result["results"].values():
-        assert res["train_step_s"] > 0 and res["inference_forward_s"] > 0 and res["peak_step_extra_mb"] > 0
-        assert set(res["ratio_to_peft_lora"]) == {"train_step", "inference_forward", "peak_step_extra",
-                                                  "peak_step_total"}
-    assert result["results"]["peft-lora"]["ratio_to_peft_lora"]["train_step"] == 1.0
+        assert res["train_step_s"] > 0 and res["prefill_s"] > 0 and res["peak_step_extra_mb"] > 0
+        assert res["decode_tokens_per_s"] > 0
+        assert set(res["ratio_to"]) == variants
+        assert set(res["ratio_to"]["peft-lora"]) == {"train_step", "prefill", "decode_tokens_per_s",
+                                                     "peak_step_extra", "peak_step_total"}
+    grouped = result["results"]["mixlora-grouped"]
+    assert grouped["ratio_to"]["peft-lora"]["train_step"] == pytest.approx(
+        grouped["train_step_s"] / result["results"]["peft-lora"]["train_step_s"])
+    assert result["results"]["peft-lora"]["ratio_to"]["peft-lora"]["train_step"] == 1.0
+
+
+@pytest.mark.parametrize("argv, shape, auto", [
+    (["--preset", "llama2-7b"], dict(hidden=4096, ffn=11008, heads=32, kv_heads=32, vocab=32000, layers=4), "grouped"),
+    (["--preset", "llama3-8b", "--layers", "2", "--dtype", "bf16"],
+     dict(hidden=4096, ffn=14336, heads=32, kv_heads=8, vocab=128256, layers=2), "grouped"),
+    (["--preset", "qwen2.5-7b", "--batch", "8", "--seq", "1024"],
+     dict(model_type="qwen2", hidden=3584, ffn=18944, heads=28, kv_heads=4, vocab=152064, batch=8, seq=1024), "grouped"),
+])
+def test_bench_presets_take_the_real_layer_shapes_and_flags_override_them(argv, shape, auto, capsys):
+    assert main(["bench", *argv, "--dry-run"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {key: result["shape"][key] for key in shape} == shape and result["auto"] == auto
+
+
+def test_a_preset_shape_runs_end_to_end_with_tiny_overrides(capsys):
+    # The preset's plumbing (qwen2 family, grouped KV heads) on a CPU-sized model: a 7B width takes minutes.
+    assert main(["bench", "--preset", "qwen2.5-7b", *TINY_BENCH, "--kv-heads", "2", "--variants",
+                 "peft-lora,mixlora-grouped_mm"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["preset"] == "qwen2.5-7b" and result["shape"]["model_type"] == "qwen2"
+    assert result["results"]["mixlora-grouped_mm"]["ratio_to"]["peft-lora"]["decode_tokens_per_s"] > 0
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--variants", "mixlora,lora"], "--variants: unknown variant 'lora'"),
+    (["--variants", "mixlora-grouped,lora"], "--variants: unknown variant 'lora'"),
     (["--hidden", "30", "--heads", "4"], "--hidden (30) must be a multiple of --heads (4)"),
+    (["--preset", "llama3-8b", "--kv-heads", "5"], "--kv-heads (5) must divide --heads (32)"),
+    (["--top-k", "9"], "--top-k (9) must be at most --experts (8)"),
     (["--reps", "0"], "--reps must be >= 1"),
+    (["--new-tokens", "-1"], "--new-tokens must be >= 0"),
 ])
 def test_bench_command_rejects_bad_arguments_in_one_line(argv, message, capsys):
-    assert main(["bench", *argv]) == 2
+    assert main(["bench", *argv, "--dry-run"]) == 2
     assert f"loramix: error: {message}" in capsys.readouterr().err

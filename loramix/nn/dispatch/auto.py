@@ -8,7 +8,7 @@ The first rule of :data:`AUTO_TABLE` that matches wins. Each rule says what its 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +27,8 @@ def lora_widths(ffn: ExpertFFN) -> set[int]:
 class AutoRule:
     """Choose ``path`` on device type ``device`` (None: any) for base compute dtypes in ``dtypes`` (None: any),
     on GPUs whose compute-capability major is in ``majors`` (None: any) and, with ``aligned_widths``, only
-    when every adapted projection's widths keep the grouped-GEMM alignment in the GEMM dtype.
+    when every adapted projection's widths (:func:`lora_widths`) keep the grouped-GEMM alignment in the
+    GEMM dtype.
     ``evidence``: the measurement behind the choice, or why it is a guess."""
 
     device: str | None
@@ -37,12 +38,12 @@ class AutoRule:
     path: str
     evidence: str
 
-    def matches(self, ffn: ExpertFFN, device: str, dtype: torch.dtype, major: int | None) -> bool:
+    def matches(self, widths: set[int], device: str, dtype: torch.dtype, major: int | None) -> bool:
         if self.device not in (None, device) or (self.dtypes is not None and dtype not in self.dtypes):
             return False
         if self.majors is not None and major not in self.majors:
             return False
-        return not self.aligned_widths or all(is_aligned(width, gemm_dtype(dtype)) for width in lora_widths(ffn))
+        return not self.aligned_widths or all(is_aligned(width, gemm_dtype(dtype)) for width in widths)
 
 
 AUTO_TABLE: tuple[AutoRule, ...] = (
@@ -61,10 +62,12 @@ AUTO_TABLE: tuple[AutoRule, ...] = (
 )
 
 
-def auto_path(ffn: ExpertFFN, device: str, dtype: torch.dtype, major: int | None = None) -> str:
-    """The concrete path ``auto`` runs for ``ffn`` on device type ``device`` with the base computing in ``dtype``
-    (``major``: the GPU's compute-capability major). The last rule of :data:`AUTO_TABLE` matches every call."""
-    return next(rule.path for rule in AUTO_TABLE if rule.matches(ffn, device, dtype, major))
+def auto_path(widths: Iterable[int], device: str, dtype: torch.dtype, major: int | None = None) -> str:
+    """The concrete path ``auto`` runs for an FFN with these :func:`lora_widths` on device type ``device``, the
+    base computing in ``dtype`` (``major``: the GPU's compute-capability major). The last rule of
+    :data:`AUTO_TABLE` matches every call."""
+    widths = set(widths)
+    return next(rule.path for rule in AUTO_TABLE if rule.matches(widths, device, dtype, major))
 
 
 def device_major(device: torch.device) -> int | None:
@@ -82,5 +85,5 @@ class AutoDispatch:
         self.paths = paths
 
     def __call__(self, ffn: ExpertFFN, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        path = auto_path(ffn, x.device.type, compute_dtype(x), device_major(x.device))
+        path = auto_path(lora_widths(ffn), x.device.type, compute_dtype(x), device_major(x.device))
         return self.paths[path](ffn, x, weights, experts)
