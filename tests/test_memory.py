@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from loramix import MixLoraConfig, get_mixlora_model
-from loramix.training.distributed import token_ce_sum
+from loramix.tools.bench import saved_bytes
 from loramix.tools.memory import (LLAMA2_7B, PLANNED_DISPATCHES, Shape, adapter_parameters, base_parameters, estimate,
                                   saved_bytes_per_token)
 
@@ -35,23 +35,6 @@ def test_parameter_counts_by_hand_and_against_real_models():
     assert base_parameters(LLAMA2_7B) == 6_738_415_616  # the published LLaMA-2-7B count
 
 
-def _saved_bytes(model, tokens: torch.Tensor) -> int:
-    """Bytes of the distinct non-parameter storages autograd saves in a forward and the token loss."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        output = model(input_ids=tokens, attention_mask=torch.ones_like(tokens))
-        token_ce_sum(output.logits, tokens)
-    return sum(saved.values())
-
-
 @pytest.mark.parametrize("dispatch", PLANNED_DISPATCHES)
 @pytest.mark.parametrize("dropout,checkpointing", [(0.1, False), (0.0, False), (0.1, True)])
 def test_saved_activations_per_layer_match_a_real_bf16_forward(dropout, checkpointing, dispatch):
@@ -66,7 +49,7 @@ def test_saved_activations_per_layer_match_a_real_bf16_forward(dropout, checkpoi
         if checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
-        measured.append(_saved_bytes(model, tokens))
+        measured.append(saved_bytes(model, tokens))
     expected = saved_bytes_per_token(SMALL, dropout=dropout > 0, checkpointing=checkpointing, dispatch=dispatch,
                                      **kw) * tokens.numel()
     assert measured[1] - measured[0] == pytest.approx(expected, rel=0.05), (

@@ -32,6 +32,7 @@ from ..config import MixLoraConfig
 from ..model import get_mixlora_model
 from ..nn.dispatch import AUTO, DISPATCHES
 from ..nn.dispatch.auto import auto_path, device_major
+from ..training.distributed import token_ce_sum
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BASELINE = "peft-lora"
@@ -188,7 +189,8 @@ def time_interleaved(models: dict[str, nn.Module], step: Callable, batch: dict, 
     return times
 
 
-def _resident_bytes(model: nn.Module) -> int:
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of the model's distinct parameter and buffer storages."""
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in list(model.parameters()) + list(model.buffers())}
     return sum(storages.values())
@@ -221,6 +223,24 @@ def peak_step_bytes(model: nn.Module, step: Callable, batch: dict[str, torch.Ten
         live += size
         peak = max(peak, live)
     return peak
+
+
+def saved_bytes(model: nn.Module, input_ids: torch.Tensor) -> int:
+    """Bytes of the distinct non-parameter storages autograd keeps for backward in a forward of ``input_ids``
+    and the token loss (what a training step holds between forward and backward, temporaries aside)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        output = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+        token_ce_sum(output.logits, input_ids)
+    return sum(saved.values())
 
 
 def profile_table(model: nn.Module, step: Callable, batch: dict[str, torch.Tensor], *, rows: int = 25) -> str:
@@ -292,7 +312,7 @@ def run_benchmark(shape: BenchShape = BenchShape(), *, device: str = "cpu", dtyp
             "decode_tokens_per_s": generated / statistics.median(decoding[name]) if decoding else None,
             "train_step_s_all": [round(t, 5) for t in train[name]],
             "peak_step_extra_mb": step_bytes / 2**20,
-            "peak_step_total_mb": (step_bytes + _resident_bytes(model)) / 2**20,
+            "peak_step_total_mb": (step_bytes + resident_bytes(model)) / 2**20,
         }
     ratios(results)
     return {
