@@ -135,10 +135,11 @@ def test_gradient_checkpointing_gives_the_same_adapter(setup, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_dense_moe_dispatch_trains_the_same_adapter(setup, tmp_path):
-    grouped = _run(setup, tmp_path / "a", max_steps=3)
-    dense = _run(setup, tmp_path / "b", max_steps=3, moe_dispatch="dense")
-    a, b = adapter_tensors(grouped.adapter_dir), adapter_tensors(dense.adapter_dir)
+@pytest.mark.parametrize("dispatch", ["dense", "grouped_mm"])
+def test_every_moe_dispatch_trains_the_same_adapter(setup, tmp_path, dispatch):
+    default = _run(setup, tmp_path / "a", max_steps=3)  # auto: grouped on CPU
+    other = _run(setup, tmp_path / "b", max_steps=3, moe_dispatch=dispatch)
+    a, b = adapter_tensors(default.adapter_dir), adapter_tensors(other.adapter_dir)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
@@ -163,7 +164,8 @@ def test_config_errors(tmp_path):
         build_run_config({**base, "trian": {}})
     with pytest.raises(LoramixError, match="train.micro_batch_size: must be an integer"):
         build_run_config({**base, "train": {"micro_batch_size": "big"}})
-    with pytest.raises(LoramixError, match="train.moe_dispatch must be one of 'grouped', 'dense', 'per_expert', got 'sorted'"):
+    with pytest.raises(LoramixError, match="train.moe_dispatch must be one of 'auto', 'grouped', 'grouped_mm', 'dense', "
+                                           "'per_expert', got 'sorted'"):
         build_run_config({**base, "train": {"moe_dispatch": "sorted"}})
     with pytest.raises(LoramixError, match="model.name_or_path is required"):
         build_run_config({"train": {}})

@@ -83,7 +83,7 @@ def test_capacity_rule():
     assert router.capacity(10) == 2
 
 
-@pytest.mark.parametrize("dispatch", ["grouped", "dense", "per_expert"])
+@pytest.mark.parametrize("dispatch", loramix.DISPATCHES)
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 def test_switch_overflow_gets_the_frozen_ffn_in_training_and_nothing_is_dropped_in_eval(model_type, dispatch):
     model = variant(model_type, routing="switch", jitter_noise=0.0, capacity_factor=1.0)
@@ -181,7 +181,7 @@ def test_variant_equals_its_formula_on_peft_expert_mlps(model_type, routing):
     select = _hand_top_p(0.6) if routing == "top_p" else _hand_switch
     with torch.no_grad():
         expected = _formula(ffn, model_type, x, select)
-        for dispatch in ("grouped", "dense", "per_expert"):
+        for dispatch in loramix.DISPATCHES:
             ffn.dispatch = dispatch
             torch.testing.assert_close(ffn(x), expected, rtol=1e-5, atol=1e-5, msg=dispatch)
 
@@ -189,7 +189,7 @@ def test_variant_equals_its_formula_on_peft_expert_mlps(model_type, routing):
 @pytest.mark.parametrize("model_type", ["llama", "phi", "phi3", "gpt2"])
 @pytest.mark.parametrize("cfg", [dict(routing="top_p", top_p=0.7), dict(routing="switch", capacity_factor=1.0)],
                          ids=["top_p", "switch"])
-@pytest.mark.parametrize("fast_dispatch", ["grouped", "dense"])
+@pytest.mark.parametrize("fast_dispatch", ["grouped", "grouped_mm", "dense"])
 def test_fast_path_equals_the_per_expert_reference_in_training(model_type, cfg, fast_dispatch):
     model = variant(model_type, jitter_noise=0.0, **cfg)
     randomize_adapter(model)

@@ -51,9 +51,9 @@ class ExpertLoras(nn.Module):
         mask = torch.empty(rows, self.lora_A.shape[-1], device=self.lora_A.device, dtype=torch.float32)
         return mask.bernoulli_(1 - p).div_(1 - p)
 
-    def dropped_input(self, x: torch.Tensor) -> torch.Tensor:
-        """``dropout(x)`` in fp32, the input of every expert's A. x: ``[T, in]``."""
-        return self.lora_dropout(x.float())
+    def dropped_input(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``dropout(x)`` in ``dtype`` (fp32 by default), the input of every expert's A. x: ``[T, in]``."""
+        return self.lora_dropout(x.to(dtype))
 
     def weight_norms(self, base_layer: nn.Module) -> torch.Tensor:
         """``||W + s B_e A_e||_row`` per expert, fp32 ``[E, out]`` (``W`` from ``base_layer``)."""

@@ -44,6 +44,7 @@ class BaseFFN(nn.Module):
         self.input_names, self.output_name = names[:-1], names[-1]
         self.activation = activation
         self.dropout = dropout
+        self._compiled_activate: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
 
     @classmethod
     def from_module(cls, mlp: nn.Module, family: Family, *, activation: nn.Module | Callable | None = None
@@ -57,8 +58,16 @@ class BaseFFN(nn.Module):
     def projection(self, name: str) -> nn.Module:
         return getattr(self, name)
 
+    def compile_activation(self) -> None:
+        """From now on :meth:`activate` runs through ``torch.compile`` (row counts dynamic): its elementwise ops
+        fuse into one kernel, on the ``[P, I]`` pair rows the dispatch paths activate in forward and backward."""
+        self._compiled_activate = torch.compile(self._activate, dynamic=True)
+
     def activate(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         """The hidden activation from the input projections' outputs (``[n, I]`` each, or ``[n, 2I]`` fused)."""
+        return (self._compiled_activate or self._activate)(inputs)
+
+    def _activate(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         if self.kind == GATED:
             gate, up = inputs
             return self.activation(gate) * up

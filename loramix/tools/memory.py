@@ -130,28 +130,40 @@ def adapter_parameters(s: Shape, *, r: int, experts: int) -> int:
     return s.layers * (attention + 3 * experts * r * (d + i) + experts * d)
 
 
-def saved_bytes_per_token(s: Shape, *, r: int, experts: int, top_k: int, dropout: bool,
-                          checkpointing: bool = False, quantization: str | None = None) -> int:
-    """Bytes autograd keeps per token and decoder layer (16-bit weights, fp32 LoRA and router math).
+PLANNED_DISPATCHES = ("grouped_mm", "grouped")  # auto's path on a GPU in bf16, and on CPU
 
-    Without checkpointing: 9 fp32 ``[D]`` rows (norms in fp32, fp32 LoRA inputs, the router's fp32 input)
-    and 6 more with LoRA dropout (each dropped copy), bf16 q, k, v and attention output (``2 D + 2 D_kv``),
-    2 bf16 ``[k*I]`` (the pairs' pre-activation gate and up rows), 4 bytes per FFN unit with dropout (the
-    down-projection LoRA's dropout state), fp32 rank-r rows (3 per pair, 1 per
-    attention LoRA), fp32 router logits and probabilities, attention log-sum-exp, RMSNorm scales and the
-    routing indices and weights. A 4-bit base keeps the same (its matmul saves only the packed weight);
-    an 8-bit one also keeps the bf16 inputs of its matmuls that nothing else keeps (LLM.int8's backward
-    holds them): the attention and FFN inputs ``[D]`` and the down projection's ``[I]``. With
-    checkpointing: the layer's bf16 input and the router probabilities the router loss keeps outside the
-    checkpointed layers.
+
+def saved_bytes_per_token(s: Shape, *, r: int, experts: int, top_k: int, dropout: bool,
+                          checkpointing: bool = False, dispatch: str = "grouped_mm",
+                          quantization: str | None = None) -> int:
+    """Bytes autograd keeps per token and decoder layer (bf16 weights, fp32 LoRA and router math).
+
+    Without checkpointing: 7 fp32 ``[D]`` rows (norms in fp32, the attention LoRAs' fp32 inputs, the
+    router's fp32 input) and 4 more with LoRA dropout (the attention LoRAs' dropped copies), bf16 q, k, v
+    and attention output (``2 D + 2 D_kv``), 2 bf16 ``[k*I]`` (the pairs' pre-activation gate and up rows),
+    4 bytes per FFN unit with dropout (the down-projection LoRA's dropout state), fp32 rank-r rows per
+    attention LoRA, fp32 router logits and probabilities, attention log-sum-exp, RMSNorm scales and the
+    routing indices and weights. Then what the expert LoRAs keep, by ``dispatch``: ``grouped_mm`` (auto's
+    path on a GPU in bf16) runs them in bf16 and keeps the expert LoRAs' input (one bf16 ``[D]`` row shared
+    by gate and up; with dropout each one's dropped copy and mask, 4 rows) and 3 bf16 rank-r rows per pair;
+    ``grouped`` (CPU) keeps the same in fp32, with a copy of the input each for gate and up (2 fp32 rows; 4
+    with dropout). A 4-bit base keeps the same (its matmul saves only the packed weight); an 8-bit one also
+    keeps the bf16 inputs of its matmuls that nothing else keeps (LLM.int8's backward holds them): the
+    attention and FFN inputs ``[D]`` and the down projection's ``[I]``. With checkpointing: the layer's bf16
+    input and the router probabilities the router loss keeps outside the checkpointed layers, for any path.
     """
+    if dispatch not in PLANNED_DISPATCHES:
+        raise ValueError(f"dispatch must be one of {PLANNED_DISPATCHES}, got {dispatch!r}")
     d, i, e, k = s.hidden, s.intermediate, experts, top_k
     if checkpointing:
         return 2 * d + 4 * e + 4
-    fp32_rows = 9 + (6 if dropout else 0)
+    lora_bytes = 2 if dispatch == "grouped_mm" else 4
+    expert_rows = 4 if dropout else (1 if dispatch == "grouped_mm" else 2)
+    fp32_rows = 7 + (4 if dropout else 0)
     int8_inputs = 2 * (2 * d + i) if quantization == "int8" else 0
     return (4 * d * fp32_rows + 2 * (2 * d + 2 * s.kv_width) + 2 * k * i * 2 + (4 * i if dropout else 0)
-            + 4 * r * (3 * k + 4) + 2 * 4 * e + 8 + 4 * s.heads + 2 * 4 + k * (8 + 8 + 4 + 4) + int8_inputs)
+            + 4 * r * 4 + lora_bytes * (d * expert_rows + r * 3 * k)
+            + 2 * 4 * e + 8 + 4 * s.heads + 2 * 4 + k * (8 + 8 + 4 + 4) + int8_inputs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,9 +191,11 @@ class MemoryEstimate:
 
 def estimate(s: Shape, *, batch: int, seq: int, r: int = 16, experts: int = 8, top_k: int = 2,
              dropout: bool = True, checkpointing: bool = False, processes: int = 1, fsdp: bool = False,
-             weight_bytes: int = 2, quantization: str | None = None, double_quant: bool = False) -> MemoryEstimate:
+             weight_bytes: int = 2, quantization: str | None = None, double_quant: bool = False,
+             dispatch: str = "grouped_mm") -> MemoryEstimate:
     """Per-GPU memory for DDP (or, with ``fsdp``, FSDP) training with ``batch`` sequences of ``seq`` tokens
-    per GPU.
+    per GPU, the MoE layers on ``dispatch`` (auto's path on a GPU in bf16 by default; see
+    :func:`saved_bytes_per_token`).
 
     With checkpointing one layer's full activations are alive again while it is recomputed in backward.
     ``logits``: the fp32 log-probabilities ``[T, V]`` the cross-entropy keeps (its gradient, as large, is
@@ -195,7 +209,7 @@ def estimate(s: Shape, *, batch: int, seq: int, r: int = 16, experts: int = 8, t
     """
     tokens = batch * seq
     n = adapter_parameters(s, r=r, experts=experts)
-    kw = dict(r=r, experts=experts, top_k=top_k, dropout=dropout, quantization=quantization)
+    kw = dict(r=r, experts=experts, top_k=top_k, dropout=dropout, quantization=quantization, dispatch=dispatch)
     activations = s.layers * saved_bytes_per_token(s, checkpointing=checkpointing, **kw) * tokens
     if checkpointing:
         activations += saved_bytes_per_token(s, **kw) * tokens

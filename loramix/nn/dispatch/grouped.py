@@ -9,8 +9,10 @@ activation, the weighted activations summed back onto tokens (``mixed``; the sha
 projection runs once on it, ``sum_e w_e W2 a_e = W2 sum_e w_e a_e``), and the experts' output-projection
 LoRAs, per segment, summed onto tokens (``delta``).
 
-Every per-segment product goes through one primitive, :func:`segment_matmul` and its
-:func:`segment_matmul_backward`: a grouped-GEMM kernel replaces those two functions. For backward
+Every per-segment product goes through the pairs' own primitive, ``matmul`` and ``matmul_backward`` of a
+:class:`SortedPairs`: here :func:`segment_matmul` and its :func:`segment_matmul_backward` over host-side
+segments; the ``grouped_mm`` path (grouped_mm.py) runs the same :class:`PairMix` with a grouped-GEMM
+primitive over device-side offsets. For backward
 :class:`PairMix` keeps the pairs' pre-activation rows and rank-r rows, not the activations or anything per
 expert; the activation is recomputed once, with autograd on that op alone (so any activation module works).
 """
@@ -18,24 +20,55 @@ expert; the activation is recomputed once, with autograd on that op alone (so an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
 from ..ffn import ExpertFFN
 
 
-@dataclass(frozen=True)
-class PairRouting:
-    """(token, expert) pairs sorted by expert.
+class SortedPairs(Protocol):
+    """(token, expert) pairs sorted by expert, and the per-expert matmul over their segments.
 
     token: ``[P]`` long, each pair's token; order: ``[P]`` positions of the pairs in the flattened ``[T*k]``
-    routing; segments: per expert with pairs, ``(expert, start, end)`` into the sorted pairs.
+    routing.
     """
 
     token: torch.Tensor
     order: torch.Tensor
+
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor, *, accumulate: torch.Tensor | None = None,
+               alpha: float = 1.0) -> torch.Tensor:
+        """Per expert segment ``y[seg_e] = x[seg_e] @ weight[e]^T``: x ``[P, n]``, weight ``[E, m, n]`` ->
+        ``[P, m]`` in the primitive's compute dtype (x and weight are cast to it); with ``accumulate``
+        (``[P, m]``), ``alpha * y`` is added into it in place and it is returned."""
+        ...
+
+    def matmul_backward(self, grad: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor, *,
+                        need_weight: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The gradients of :meth:`matmul` from ``grad = dL/dy`` ``[P, m]``: ``(grad_x [P, n], grad_weight
+        [E, m, n] or None)`` in the compute dtype, ``grad_weight`` zero for experts without pairs; ``x`` is only
+        read for it."""
+        ...
+
+
+@dataclass(frozen=True)
+class PairRouting:
+    """:class:`SortedPairs` with host-side segments: per expert with pairs, ``(expert, start, end)`` into the
+    sorted pairs; the matmuls are :func:`segment_matmul` and :func:`segment_matmul_backward`, in the
+    weight's dtype."""
+
+    token: torch.Tensor
+    order: torch.Tensor
     segments: tuple[tuple[int, int, int], ...]
+
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor, *, accumulate: torch.Tensor | None = None,
+               alpha: float = 1.0) -> torch.Tensor:
+        return segment_matmul(x, weight, self, accumulate=accumulate, alpha=alpha)
+
+    def matmul_backward(self, grad: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor, *,
+                        need_weight: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return segment_matmul_backward(grad, x, weight, self, need_weight=need_weight)
 
 
 def sort_pairs(experts: torch.Tensor, num_experts: int) -> PairRouting:
@@ -54,7 +87,8 @@ def sort_pairs(experts: torch.Tensor, num_experts: int) -> PairRouting:
 # ---- the segment-matmul primitive ------------------------------------------------------------------------
 def segment_matmul(x: torch.Tensor, weight: torch.Tensor, routing: PairRouting, *,
                    accumulate: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
-    """Per expert segment: ``y[seg_e] = x[seg_e] @ weight[e]^T``. x: ``[P, n]``; weight: ``[E, m, n]`` -> ``[P, m]``.
+    """Per expert segment: ``y[seg_e] = x[seg_e] @ weight[e]^T``. x: ``[P, n]``; weight: ``[E, m, n]`` -> ``[P, m]``
+    in weight's dtype.
 
     With ``accumulate`` (``[P, m]``), ``alpha * y`` is added into it in place (in its dtype) and it is returned.
     Rows of experts without pairs do not exist; empty experts cost nothing.
@@ -64,6 +98,7 @@ def segment_matmul(x: torch.Tensor, weight: torch.Tensor, routing: PairRouting, 
         for expert, start, end in routing.segments:
             accumulate[start:end].addmm_(x[start:end].to(accumulate.dtype), weight[expert].t(), alpha=alpha)
         return accumulate
+    x = x.to(weight.dtype)
     y = x.new_empty(x.shape[0], weight.shape[1])
     for expert, start, end in routing.segments:
         torch.matmul(x[start:end], weight[expert].t(), out=y[start:end])
@@ -72,8 +107,12 @@ def segment_matmul(x: torch.Tensor, weight: torch.Tensor, routing: PairRouting, 
 
 def segment_matmul_backward(grad: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor, routing: PairRouting,
                             *, need_weight: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The gradients of :func:`segment_matmul`: ``(grad_x [P, n], grad_weight [E, m, n] or None)`` from
-    ``grad = dL/dy`` ``[P, m]``. ``grad_weight`` is zero for experts without pairs; ``x`` is only read for it."""
+    """The gradients of :func:`segment_matmul`: ``(grad_x [P, n], grad_weight [E, m, n] or None)`` in weight's
+    dtype from ``grad = dL/dy`` ``[P, m]``. ``grad_weight`` is zero for experts without pairs; ``x`` is only read
+    for it."""
+    grad = grad.to(weight.dtype)
+    if need_weight:
+        x = x.to(weight.dtype)
     grad_x = grad.new_empty(grad.shape[0], weight.shape[2])
     grad_weight = torch.zeros_like(weight) if need_weight else None
     for expert, start, end in routing.segments:
@@ -93,7 +132,7 @@ class PairMixSpec:
     output projection.
     """
 
-    routing: PairRouting
+    routing: SortedPairs
     activate: Callable[[list[torch.Tensor]], torch.Tensor]
     input_scalings: tuple[float | None, ...]
     output_scaling: float | None
@@ -102,7 +141,8 @@ class PairMixSpec:
 @dataclass(frozen=True)
 class InputOperands:
     """One input projection's operands: its base output ``H`` ``[T, out]`` and, with an expert LoRA, the
-    dropped-out fp32 LoRA input ``X`` ``[T, D]``, ``A`` ``[E, r, D]`` and ``B`` ``[E, out, r]`` (else None)."""
+    dropped-out LoRA input ``X`` ``[T, D]`` (in the LoRAs' compute dtype), ``A`` ``[E, r, D]`` and ``B``
+    ``[E, out, r]`` (else None)."""
 
     base_output: torch.Tensor
     lora_input: torch.Tensor | None = None
@@ -136,7 +176,8 @@ def _records(tensors) -> tuple[list[InputOperands], OutputOperands]:
 
 
 class PairMix(torch.autograd.Function):
-    """The pair work of one MoE FFN: ``mixed`` ``[T, I]`` and ``delta`` ``[T, D]``, in the weights' dtype (fp32).
+    """The pair work of one MoE FFN: ``mixed`` ``[T, I]`` in the weights' dtype (fp32) and ``delta`` ``[T, D]``
+    in the dtype of the pairs' matmuls (fp32; bf16 for grouped_mm on a bf16 base).
 
     Arguments after ``spec``: ``weight`` ``[P]`` fp32 (pair weights, sorted like the pairs); ``keep``
     ``[T, I]``, the output LoRA's dropout mask (0 or ``1/(1-p)``, one per token, shared by its experts) or
@@ -166,8 +207,8 @@ class PairMix(torch.autograd.Function):
         delta = out_low = None
         if output.lora_A is not None:
             dropped = act if keep is None else act * keep.index_select(0, token)
-            out_low = segment_matmul(dropped.to(weight.dtype), output.lora_A, routing)  # [P, r]
-            pair_delta = segment_matmul(out_low * (w * spec.output_scaling), output.lora_B, routing)  # [P, D]
+            out_low = routing.matmul(dropped, output.lora_A)                               # [P, r]
+            pair_delta = routing.matmul(out_low * (w * spec.output_scaling), output.lora_B)  # [P, D]
             delta = _sum_onto_tokens(pair_delta, token, num_tokens)
         mixed = _sum_onto_tokens(act.to(weight.dtype) * w, token, num_tokens)
         ctx.spec = spec
@@ -204,15 +245,12 @@ class PairMix(torch.autograd.Function):
         if output.lora_A is not None:
             weighted = w * spec.output_scaling                                         # [P, 1]
             keep_rows = None if keep is None else keep.index_select(0, token)
-            dropped = act.detach().to(weight.dtype)
-            if keep_rows is not None:
-                dropped = dropped * keep_rows
-            grad_low, grad_out_B = segment_matmul_backward(grad_delta.index_select(0, token), out_low * weighted,
-                                                           output.lora_B, routing, need_weight=need_out_B)
+            dropped = act.detach() if keep_rows is None else act.detach() * keep_rows
+            grad_low, grad_out_B = routing.matmul_backward(grad_delta.index_select(0, token), out_low * weighted,
+                                                           output.lora_B, need_weight=need_out_B)
             grad_weight += spec.output_scaling * torch.linalg.vecdot(grad_low, out_low)
             grad_low.mul_(weighted)                                                    # [P, r]
-            back, grad_out_A = segment_matmul_backward(grad_low, dropped, output.lora_A, routing,
-                                                       need_weight=need_out_A)
+            back, grad_out_A = routing.matmul_backward(grad_low, dropped, output.lora_A, need_weight=need_out_A)
             grad_act += back if keep_rows is None else back.mul_(keep_rows)
         grad_pre = torch.autograd.grad(act, pre, grad_act.to(act.dtype))
         grads: list[torch.Tensor | None] = []
@@ -222,14 +260,14 @@ class PairMix(torch.autograd.Function):
             grad_h = grad.new_zeros(grad_mixed.shape[0], grad.shape[1]).index_add_(0, token, grad) if need[0] else None
             grad_x = grad_A = grad_B = None
             if scaling is not None:
-                grad_low, grad_B = segment_matmul_backward(grad.to(op.lora_input.dtype), low, op.lora_B, routing,
+                grad_low, grad_B = routing.matmul_backward(grad, low, op.lora_B,
                                                            need_weight=need[3])
                 if grad_B is not None:
                     grad_B.mul_(scaling)
-                grad_rows, grad_A = segment_matmul_backward(grad_low.mul_(scaling), rows, op.lora_A, routing,
+                grad_rows, grad_A = routing.matmul_backward(grad_low.mul_(scaling), rows, op.lora_A,
                                                             need_weight=need[2])
                 if need[1]:
-                    grad_x = torch.zeros_like(op.lora_input).index_add_(0, token, grad_rows)
+                    grad_x = grad_rows.new_zeros(op.lora_input.shape).index_add_(0, token, grad_rows)
             grads += [grad_h, grad_x, grad_A, grad_B]
         return None, grad_weight, None, *grads, grad_out_A, grad_out_B
 
@@ -255,27 +293,40 @@ def _pair_rows(spec: PairMixSpec, inputs: list[InputOperands]) -> tuple[list[tor
         row = op.base_output.index_select(0, routing.token)                           # [P, out]
         low = row.new_empty(0)
         if scaling is not None:
-            low = segment_matmul(x_rows, op.lora_A, routing)                           # [P, r]
-            segment_matmul(low, op.lora_B, routing, accumulate=row, alpha=scaling)
+            low = routing.matmul(x_rows, op.lora_A)                                    # [P, r]
+            routing.matmul(low, op.lora_B, accumulate=row, alpha=scaling)
         rows.append(row)
         lows.append(low)
     return rows, lows
 
 
 class GroupedDispatch:
-    """Sorted expert segments and :class:`PairMix`: fewest FLOPs and least memory; the CPU's fastest path."""
+    """Sorted expert segments and :class:`PairMix`: fewest FLOPs and least memory; the CPU's fastest path.
+
+    A subclass changes the dtype the expert LoRAs compute in (:meth:`lora_dtype`) and how the pairs are
+    sorted and their matmuls run (:meth:`sort`); the rest of the path is this one.
+    """
 
     name = "grouped"
     handles_dora = False
 
+    def lora_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the expert LoRAs compute in for FFN input x (their parameters are fp32)."""
+        return torch.float32
+
+    def sort(self, experts: torch.Tensor, num_experts: int, dtype: torch.dtype) -> SortedPairs:
+        """experts: ``[T, k]`` long -> the pairs sorted by expert, with their matmul primitive in ``dtype``."""
+        return sort_pairs(experts, num_experts)
+
     def __call__(self, ffn: ExpertFFN, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        routing = sort_pairs(experts, ffn.num_experts)
+        dtype = self.lora_dtype(x)
+        routing = self.sort(experts, ffn.num_experts, dtype)
         inputs = []
         for projection in ffn.inputs:
             base_output = projection.module(x)                                           # [T, out]
             lora = projection.lora
             inputs.append(InputOperands(base_output) if lora is None else
-                          InputOperands(base_output, lora.dropped_input(x), lora.lora_A, lora.lora_B))
+                          InputOperands(base_output, lora.dropped_input(x, dtype), lora.lora_A, lora.lora_B))
         out_lora = ffn.output.lora
         output, keep = OutputOperands(), None
         if out_lora is not None:
