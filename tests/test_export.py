@@ -14,7 +14,7 @@ from loramix.commands import export as export_command
 from loramix.convert.export import export_moe
 
 from conftest import batch, randomize_adapter, tiny_model
-from helpers_export import mixlora, run_command, saved_base_and_adapter
+from helpers_export import assert_tokenizer_loads_as_declared, mixlora, run_command, saved_base_and_adapter
 
 EXPECTED_CLASS = {"llama": "MixtralForCausalLM", "mistral": "MixtralForCausalLM",
                   "qwen2": "Qwen2MoeForCausalLM", "qwen3": "Qwen3MoeForCausalLM"}
@@ -219,11 +219,19 @@ def test_export_command_on_a_saved_model_copies_the_tokenizer(tmp_path, capsys):
     assert cli.main(argv) == 2  # the real command line: one error line, nothing overwritten
     assert capsys.readouterr().err.strip().endswith("is not empty (--overwrite / overwrite=True replaces its files)")
     assert cli.main(argv + ["--overwrite"]) == 0
+    assert_tokenizer_loads_as_declared(out, base_dir)
     tokenizer = AutoTokenizer.from_pretrained(out)
     exported, _ = load_export(out)
     ids = tokenizer(["a mixture of experts"], return_tensors="pt")
     with torch.no_grad():
         assert (model(**ids).logits - exported(**ids).logits).abs().max().item() <= 1e-4
+
+
+def test_a_tokenizer_object_is_saved_under_a_portable_class(tmp_path):
+    base_dir, adapter_dir, _ = saved_base_and_adapter(tmp_path)  # its tokenizer: transformers 5's TokenizersBackend
+    model, _ = loramix.MixLoraModelForCausalLM.from_pretrained(str(adapter_dir))
+    export_moe(model, tmp_path / "moe", tokenizer=AutoTokenizer.from_pretrained(base_dir))
+    assert_tokenizer_loads_as_declared(tmp_path / "moe", base_dir)
 
 
 def test_stories260k_export_through_the_command(tmp_path, stories_path, capsys):
