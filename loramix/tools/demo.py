@@ -95,8 +95,8 @@ def next_steps(out: str, model: str, adapter: str, prompts: str) -> str:
     ])
 
 
-def run_demo(out: str, *, model: str | None = None, tokenizer: str | None = None, steps: int = 50,
-             n_train: int = 200, n_test: int = 40, seed: int = 0, echo: Callable[[str], None] = print) -> dict:
+def run_demo(out: str, *, model: str | None = None, tokenizer: str | None = None, steps: int = 25,
+             n_train: int = 200, n_test: int = 30, seed: int = 0, echo: Callable[[str], None] = print) -> dict:
     """The whole demo; returns {"before", "after", "wall_s", ...} and writes demo_results.json into ``out``."""
     start = time.time()
     model = model or smollm2_path()
