@@ -28,10 +28,17 @@ _TOPICS = [
      ["the coast", "the valley", "the city", "the northern hills", "the airport", "the farmland"]),
 ]
 _NOUNS = ["food", "service", "movie", "hotel", "room", "staff", "music", "book", "coffee", "trip", "show", "game"]
+
+
+def _sentence(rng: random.Random, classes: list[tuple[list[str], list[str], list[str]]]) -> tuple[int, str]:
+    """A random class and a "subject verb object." sentence drawn from that class's word lists."""
+    gold = rng.randrange(len(classes))
+    return gold, " ".join(rng.choice(words) for words in classes[gold]) + "."
+
+
 def _topic(rng: random.Random) -> tuple[str, list[str], int]:
-    gold = rng.randrange(3)
-    subject, verb, thing = (rng.choice(words) for words in _TOPICS[gold])
-    return f"Headline: {subject} {verb} {thing}.\nIs this about sports, food or weather?", ["sports", "food", "weather"], gold
+    gold, sentence = _sentence(rng, _TOPICS)
+    return f"Headline: {sentence}\nIs this about sports, food or weather?", ["sports", "food", "weather"], gold
 
 
 _LANGUAGES = [  # (subjects, verbs, objects) of simple sentences, one row per language
@@ -48,10 +55,8 @@ _LANGUAGES = [  # (subjects, verbs, objects) of simple sentences, one row per la
 
 
 def _language(rng: random.Random) -> tuple[str, list[str], int]:
-    gold = rng.randrange(3)
-    subject, verb, thing = (rng.choice(words) for words in _LANGUAGES[gold])
-    return (f"Sentence: {subject} {verb} {thing}.\nIs this English, French or Spanish?",
-            ["English", "French", "Spanish"], gold)
+    gold, sentence = _sentence(rng, _LANGUAGES)
+    return f"Sentence: {sentence}\nIs this English, French or Spanish?", ["English", "French", "Spanish"], gold
 
 
 def _sentiment(rng: random.Random) -> tuple[str, list[str], int]:
