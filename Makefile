@@ -2,11 +2,12 @@
 # trainings resume, so `make experiment` can be stopped and restarted at any time.
 #   make experiment                               every unit, then the report
 #   make experiment UNITS="multitask/mixlora base" THREADS=1
+# `make serve-check`: the export in vLLM and llama.cpp against `loramix generate` (benchmarks/serve_check.sh).
 PYTHON ?= python
 UNITS ?=
 THREADS ?=
 
-.PHONY: experiment experiment-data experiment-run experiment-report
+.PHONY: experiment experiment-data experiment-run experiment-report serve-check
 
 experiment: experiment-data experiment-run experiment-report
 
@@ -18,3 +19,6 @@ experiment-run:
 
 experiment-report:
 	$(PYTHON) -m experiments.run report
+
+serve-check:
+	PYTHON=$(PYTHON) bash benchmarks/serve_check.sh

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 
-from transformers import AutoModelForCausalLM
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import loramix
 from loramix import MixLoraConfig
@@ -37,3 +39,14 @@ def run_command(module, argv):
     module.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)
     return args.run(args)
+
+
+def assert_tokenizer_loads_as_declared(folder, reference_folder):
+    """The tokenizer written into ``folder`` declares a class transformers 4 also has (not transformers 5's
+    ``TokenizersBackend``), loads under that very class, and encodes like the tokenizer it came from."""
+    declared = json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"]
+    assert declared == "PreTrainedTokenizerFast"
+    tokenizer = getattr(transformers, declared).from_pretrained(folder)
+    text = "a mixture of experts </s>"
+    assert tokenizer(text)["input_ids"] == AutoTokenizer.from_pretrained(reference_folder)(text)["input_ids"]
+    assert tokenizer.eos_token == "</s>" and tokenizer.pad_token == "<pad>"

@@ -100,6 +100,18 @@ def test_tsv_with_header_and_label_names(tmp_path):
     assert ex[0].choices == ("negative", "positive")
 
 
+def test_label_names_fix_the_candidates_of_word_labels(tmp_path):
+    """A small file that lacks a label still scores over every label_names word, in their order."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "Le chat", "label": "French"}\n{"text": "The cat", "label": 0}\n')
+    spec = DatasetSpec(path=str(path), label_names=["English", "French", "Spanish"])
+    ex = load_examples(spec)
+    assert [e.label for e in ex] == [1, 0] and ex[0].choices == ("English", "French", "Spanish")
+    path.write_text('{"text": "Der Hund", "label": "German"}\n')
+    with pytest.raises(LoramixError, match=r"d.jsonl:1: label 'German' is neither one of label_names"):
+        load_examples(spec)
+
+
 def test_tsv_shared_sst2_and_agnews():
     sst = shared_or_skip(SHARED / "data" / "sst2_agnews" / "SST-2" / "test.tsv")
     ex = load_examples(DatasetSpec(path=str(sst), label_names=["negative", "positive"], limit=4))

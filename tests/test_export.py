@@ -1,7 +1,9 @@
 """Exported MoE checkpoints against transformers' own MoE classes: same logits, same greedy text, classic key layout."""
 
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,10 +13,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import loramix
 from loramix import LoramixError, MixLoraConfig, cli
 from loramix.commands import export as export_command
-from loramix.convert.export import export_moe
+from loramix.convert.export import architecture_for, export_moe
+from loramix.convert.gguf import check_llama_cpp_runs
 
-from conftest import batch, randomize_adapter, tiny_model
-from helpers_export import mixlora, run_command, saved_base_and_adapter
+from conftest import batch, randomize_adapter, tiny_config, tiny_model
+from helpers_export import assert_tokenizer_loads_as_declared, mixlora, run_command, saved_base_and_adapter
 
 EXPECTED_CLASS = {"llama": "MixtralForCausalLM", "mistral": "MixtralForCausalLM",
                   "qwen2": "Qwen2MoeForCausalLM", "qwen3": "Qwen3MoeForCausalLM"}
@@ -219,11 +222,19 @@ def test_export_command_on_a_saved_model_copies_the_tokenizer(tmp_path, capsys):
     assert cli.main(argv) == 2  # the real command line: one error line, nothing overwritten
     assert capsys.readouterr().err.strip().endswith("is not empty (--overwrite / overwrite=True replaces its files)")
     assert cli.main(argv + ["--overwrite"]) == 0
+    assert_tokenizer_loads_as_declared(out, base_dir)
     tokenizer = AutoTokenizer.from_pretrained(out)
     exported, _ = load_export(out)
     ids = tokenizer(["a mixture of experts"], return_tensors="pt")
     with torch.no_grad():
         assert (model(**ids).logits - exported(**ids).logits).abs().max().item() <= 1e-4
+
+
+def test_a_tokenizer_object_is_saved_under_a_portable_class(tmp_path):
+    base_dir, adapter_dir, _ = saved_base_and_adapter(tmp_path)  # its tokenizer: transformers 5's TokenizersBackend
+    model, _ = loramix.MixLoraModelForCausalLM.from_pretrained(str(adapter_dir))
+    export_moe(model, tmp_path / "moe", tokenizer=AutoTokenizer.from_pretrained(base_dir))
+    assert_tokenizer_loads_as_declared(tmp_path / "moe", base_dir)
 
 
 def test_stories260k_export_through_the_command(tmp_path, stories_path, capsys):
@@ -249,3 +260,82 @@ def test_stories260k_export_through_the_command(tmp_path, stories_path, capsys):
     prompt = torch.tensor([[1, 403, 407, 262]])  # BOS and a few story tokens
     assert torch.equal(model.generate(input_ids=prompt, max_new_tokens=20, do_sample=False),
                        exported.generate(input_ids=prompt, max_new_tokens=20, do_sample=False))
+
+
+# ---- --to gguf ----------------------------------------------------------------------------------------------
+def test_gguf_export_checks_the_converter_and_out_before_loading(tmp_path, capsys):
+    argv = ["export", "--model", str(tmp_path / "no-base"), "--adapter", str(tmp_path / "no-adapter"), "--to", "gguf"]
+    cases = [([str(tmp_path / "m.gguf")], "--to gguf needs llama.cpp's convert_hf_to_gguf.py: pass --converter"),
+             (["--converter", str(tmp_path), str(tmp_path / "m.gguf")], "no convert_hf_to_gguf.py there"),
+             (["--converter", str(tmp_path), str(tmp_path / "m")], "OUT must end in .gguf"),
+             (["--dtype", "float16", str(tmp_path / "m.gguf")], "with --to gguf use --outtype")]
+    for extra, message in cases:
+        assert cli.main(argv + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_gguf_export_refuses_architectures_llama_cpp_cannot_run():
+    for base in ("llama", "mistral", "qwen3"):
+        arch = architecture_for(base)
+        check_llama_cpp_runs(arch.model_type, arch.architecture)
+    arch = architecture_for("qwen2")  # Qwen2-MoE without its shared expert
+    with pytest.raises(LoramixError, match="llama.cpp cannot run"):
+        check_llama_cpp_runs(arch.model_type, arch.architecture)
+
+
+def llama_cpp_converter() -> str:
+    """A folder with llama.cpp's convert_hf_to_gguf.py: $LORAMIX_LLAMA_CPP, or the serve check's unpacked sdist."""
+    serve_check = Path(__file__).resolve().parents[1] / ".serve-check" / "src" / "llama_cpp_python-0.3.36"
+    for folder in (os.environ.get("LORAMIX_LLAMA_CPP"), serve_check / "vendor" / "llama.cpp"):
+        if folder and (Path(folder) / "convert_hf_to_gguf.py").is_file():
+            return str(folder)
+    pytest.skip("llama.cpp's converter is absent: set LORAMIX_LLAMA_CPP to a llama.cpp folder, or run "
+                "benchmarks/serve_check.sh (it unpacks one into .serve-check/)")
+
+
+def sentencepiece_base(folder: Path, spm) -> Path:
+    """A tiny LLaMA whose tokenizer is a freshly trained sentencepiece model (llama.cpp's converter reads
+    ``tokenizer.model`` directly)."""
+    corpus = folder / "corpus.txt"
+    folder.mkdir()
+    corpus.write_text("\n".join(f"expert {i} routes token {i * 7 % 13} to layer {i % 3}" for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "sp"), vocab_size=60,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                   minloglevel=2)
+    (folder / "sp.model").rename(folder / "tokenizer.model")
+    torch.manual_seed(0)
+    config = tiny_config("llama", vocab_size=60, pad_token_id=None, tie_word_embeddings=False)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def test_gguf_export_through_llama_cpps_converter(tmp_path):
+    """``--to gguf`` with the real converter: llama.cpp's MoE tensors hold the experts' merged weights."""
+    converter = llama_cpp_converter()
+    spm = pytest.importorskip("sentencepiece", reason="llama.cpp's converter needs sentencepiece")
+    gguf = pytest.importorskip("gguf", reason="the optional gguf package (pip install loramix[gguf]) is absent")
+    base = sentencepiece_base(tmp_path / "base", spm)
+    model = loramix.get_mixlora_model(AutoModelForCausalLM.from_pretrained(base),
+                                      MixLoraConfig(r=4, num_experts=3, top_k=2, lora_dropout=0.0))
+    randomize_adapter(model, std=0.3)
+    model.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "moe.gguf"
+    assert run_command(export_command, ["export", "--model", str(base), "--adapter", str(tmp_path / "adapter"),
+                                        "--to", "gguf", "--outtype", "f32", "--converter", converter, str(out)]) == 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".loramix-gguf")] == []  # the HF folder is gone
+    reader = gguf.GGUFReader(str(out))
+    field = lambda key: reader.fields[key].contents()
+    assert field("general.architecture") == "llama"
+    assert (field("llama.expert_count"), field("llama.expert_used_count")) == (3, 2)
+    tensors = {t.name: t.data for t in reader.tensors}
+    export_moe(model, tmp_path / "hf")  # the checkpoint the converter read, kept this time
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as fh:
+        for layer in range(2):
+            moe = f"model.layers.{layer}.block_sparse_moe"
+            assert torch.equal(torch.from_numpy(tensors[f"blk.{layer}.ffn_gate_inp.weight"].copy()),
+                               fh.get_tensor(f"{moe}.gate.weight"))
+            for ours, theirs in (("w1", "ffn_gate_exps"), ("w2", "ffn_down_exps"), ("w3", "ffn_up_exps")):
+                stacked = torch.stack([fh.get_tensor(f"{moe}.experts.{e}.{ours}.weight") for e in range(3)])
+                assert torch.equal(torch.from_numpy(tensors[f"blk.{layer}.{theirs}.weight"].copy()), stacked)

@@ -15,7 +15,7 @@ from loramix.convert.fold import merged_weight
 from loramix.convert.merge import merge_adapter
 
 from conftest import batch, tiny_model
-from helpers_export import mixlora, run_command, saved_base_and_adapter
+from helpers_export import assert_tokenizer_loads_as_declared, mixlora, run_command, saved_base_and_adapter
 
 
 def logits(model, seed=0):
@@ -120,5 +120,6 @@ def test_merge_command(tmp_path, capsys):
                                        "--attention-only", str(tmp_path / "merged")]) == 0
     printed = capsys.readouterr().out
     assert "merged the attention LoRAs" in printed and "tokenizer.json" in printed
+    assert_tokenizer_loads_as_declared(tmp_path / "merged", base_dir)
     reloaded, _ = loramix.MixLoraModelForCausalLM.from_pretrained(str(tmp_path / "merged" / "adapter"))
     assert (logits(model) - logits(reloaded)).abs().max().item() <= 1e-4

@@ -15,9 +15,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", default="loramix-demo", help="where data, adapter, heatmap and results go")
     p.add_argument("--model", help="another base model (folder, hub id or .gguf) instead of SmolLM2")
     p.add_argument("--tokenizer", help="tokenizer folder, when the model has none")
-    p.add_argument("--steps", type=int, default=50, help="optimizer steps (batch 16)")
+    p.add_argument("--steps", type=int, default=25, help="optimizer steps (batch 16)")
     p.add_argument("--train-size", type=int, default=200, help="training items per task")
-    p.add_argument("--test-size", type=int, default=40, help="held-out items per task")
+    p.add_argument("--test-size", type=int, default=30, help="held-out items per task")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: all cores, or 1 when the machine is already busy)")

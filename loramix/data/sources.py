@@ -60,12 +60,18 @@ def _classification_prompt(spec: DatasetSpec, text: str, options: list[str] | No
 
 
 def _label_word(raw: object, spec: DatasetSpec, where: str) -> str:
-    if spec.label_names is not None:
-        try:
-            return str(spec.label_names[int(str(raw).strip())])
-        except (ValueError, IndexError):
-            raise LoramixError(f"{where}: label {raw!r} is not an index into label_names {spec.label_names}") from None
-    return str(raw).strip()
+    """The label word of a row: itself, or with ``label_names`` one of them (given as the word or its index)."""
+    word = str(raw).strip()
+    if spec.label_names is None:
+        return word
+    names = [str(x) for x in spec.label_names]
+    if word in names:
+        return word
+    try:
+        return names[int(word)]
+    except (ValueError, IndexError):
+        raise LoramixError(f"{where}: label {raw!r} is neither one of label_names {names} nor an index into "
+                           f"them") from None
 
 
 def _classification(rows: list[tuple[str, str, object, list | None]], spec: DatasetSpec, task: str) -> list[Example]:

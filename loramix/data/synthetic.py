@@ -28,15 +28,35 @@ _TOPICS = [
      ["the coast", "the valley", "the city", "the northern hills", "the airport", "the farmland"]),
 ]
 _NOUNS = ["food", "service", "movie", "hotel", "room", "staff", "music", "book", "coffee", "trip", "show", "game"]
+
+
+def _sentence(rng: random.Random, classes: list[tuple[list[str], list[str], list[str]]]) -> tuple[int, str]:
+    """A random class and a "subject verb object." sentence drawn from that class's word lists."""
+    gold = rng.randrange(len(classes))
+    return gold, " ".join(rng.choice(words) for words in classes[gold]) + "."
+
+
 def _topic(rng: random.Random) -> tuple[str, list[str], int]:
-    gold = rng.randrange(3)
-    subject, verb, thing = (rng.choice(words) for words in _TOPICS[gold])
-    return f"Headline: {subject} {verb} {thing}.\nIs this about sports, food or weather?", ["sports", "food", "weather"], gold
+    gold, sentence = _sentence(rng, _TOPICS)
+    return f"Headline: {sentence}\nIs this about sports, food or weather?", ["sports", "food", "weather"], gold
 
 
-def _compare(rng: random.Random) -> tuple[str, list[str], int]:
-    a, b = rng.sample(range(10, 100), 2)
-    return f"Is {a} greater than {b}?", ["yes", "no"], 0 if a > b else 1
+_LANGUAGES = [  # (subjects, verbs, objects) of simple sentences, one row per language
+    (["The cat", "My brother", "The teacher", "A farmer", "Our neighbour", "The child"],
+     ["eats", "sees", "likes", "buys", "finds", "wants"],
+     ["the apple", "a book", "the bread", "a red car", "the old house", "some water"]),
+    (["Le chat", "Mon frère", "Le professeur", "Un fermier", "Notre voisin", "L'enfant"],
+     ["mange", "voit", "aime", "achète", "trouve", "veut"],
+     ["la pomme", "un livre", "le pain", "une voiture rouge", "la vieille maison", "de l'eau"]),
+    (["El gato", "Mi hermano", "El profesor", "Un granjero", "Nuestro vecino", "El niño"],
+     ["come", "ve", "quiere", "compra", "encuentra", "busca"],
+     ["la manzana", "un libro", "el pan", "un coche rojo", "la casa vieja", "el agua"]),
+]
+
+
+def _language(rng: random.Random) -> tuple[str, list[str], int]:
+    gold, sentence = _sentence(rng, _LANGUAGES)
+    return f"Sentence: {sentence}\nIs this English, French or Spanish?", ["English", "French", "Spanish"], gold
 
 
 def _sentiment(rng: random.Random) -> tuple[str, list[str], int]:
@@ -49,7 +69,12 @@ def _sentiment(rng: random.Random) -> tuple[str, list[str], int]:
 
 
 GENERATORS: dict[str, Callable[[random.Random], tuple[str, list[str], int]]] = {
-    "topic": _topic, "compare": _compare, "sentiment": _sentiment}
+    "topic": _topic, "language": _language, "sentiment": _sentiment}
+
+
+def task_labels(task: str) -> list[str]:
+    """The label words of ``task``, in order (every draw of a task lists the same ones)."""
+    return GENERATORS[task](random.Random(0))[1]
 
 
 def synthetic_task(task: str, n: int, *, seed: int = 0, exclude: set[str] | frozenset = frozenset()) -> list[dict]:

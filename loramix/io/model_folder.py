@@ -24,6 +24,9 @@ INDEX_NAME = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
                    "chat_template.json")
+# transformers 5's name for its generic tokenizer class -> the names both transformers 4 and 5 load
+# (transformers 5 keeps it as an alias); llama.cpp's converter pins transformers 4.
+PORTABLE_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -127,19 +130,39 @@ def write_tokenizer(source, directory: str) -> list[str]:
     """Put a tokenizer into ``directory``; returns the file names written.
 
     ``source``: a local folder (its tokenizer files are copied as they are), a tokenizer object (saved
-    with ``save_pretrained``), or None / a folder without tokenizer files (nothing written).
+    with ``save_pretrained``), or None / a folder without tokenizer files (nothing written). Either way the
+    written ``tokenizer_config.json`` declares a class older transformers know (:func:`make_tokenizer_portable`).
     """
     if hasattr(source, "save_pretrained"):
-        return sorted(os.path.basename(path) for path in source.save_pretrained(directory))
-    if not source or not os.path.isdir(source):
+        written = sorted(os.path.basename(path) for path in source.save_pretrained(directory))
+    elif source and os.path.isdir(source):
+        written = []
+        for name in TOKENIZER_FILES:
+            path = os.path.join(source, name)
+            if os.path.isfile(path):
+                shutil.copyfile(path, os.path.join(directory, name))
+                written.append(name)
+    else:
         return []
-    copied = []
-    for name in TOKENIZER_FILES:
-        path = os.path.join(source, name)
-        if os.path.isfile(path):
-            shutil.copyfile(path, os.path.join(directory, name))
-            copied.append(name)
-    return copied
+    make_tokenizer_portable(directory)
+    return written
+
+
+def make_tokenizer_portable(directory: str) -> None:
+    """Replace a transformers-5-only ``tokenizer_class`` in ``directory/tokenizer_config.json`` (e.g.
+    ``TokenizersBackend``) by the name transformers 4 and 5 both load (``PreTrainedTokenizerFast``)."""
+    path = os.path.join(directory, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        config = json.load(fh)
+    portable = PORTABLE_TOKENIZER_CLASSES.get(config.get("tokenizer_class"))
+    if portable is None:
+        return
+    config["tokenizer_class"] = portable
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(config, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
 
 
 def tokenizer_report(files: tuple[str, ...] | list[str]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import time
 from typing import Any, Callable
@@ -16,7 +17,7 @@ from typing import Any, Callable
 import yaml
 
 from ..data import Encoder, load_examples
-from ..data.synthetic import GENERATORS, synthetic_splits
+from ..data.synthetic import GENERATORS, synthetic_splits, task_labels
 from ..errors import LoramixError
 from ..evaluation.accuracy import format_table, score, with_average
 from ..evaluation.generation import generate
@@ -61,17 +62,41 @@ def demo_config(model: str, tokenizer: str | None, paths: dict[str, dict[str, st
         "model": {"name_or_path": model, "tokenizer": tokenizer},
         "adapter": {"type": "mixlora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "num_experts": 4,
                     "top_k": 2},
-        "data": {"template": "plain", "cutoff_len": 64,
-                 "datasets": [{"path": p["train"], "task": t, "instruction": ""} for t, p in paths.items()],
-                 "eval": [{"path": p["test"], "task": t, "instruction": ""} for t, p in paths.items()]},
+        "data": {"template": "plain", "cutoff_len": 128,
+                 "datasets": [{"path": p["train"], "task": t, "instruction": "", "label_names": task_labels(t)}
+                              for t, p in paths.items()],
+                 "eval": [{"path": p["test"], "task": t, "instruction": "", "label_names": task_labels(t)}
+                          for t, p in paths.items()]},
         "train": {"output_dir": os.path.join(out, "run"), "max_steps": steps, "micro_batch_size": 16,
                   "learning_rate": 1e-3, "lr_scheduler": "cosine", "warmup_steps": max(1, steps // 10),
                   "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": seed, "logging_steps": 5},
     }
 
 
-def run_demo(out: str, *, model: str | None = None, tokenizer: str | None = None, steps: int = 50,
-             n_train: int = 200, n_test: int = 40, seed: int = 0, echo: Callable[[str], None] = print) -> dict:
+def generation_verdict(text: str, gold: str) -> str:
+    """"right: <gold>" when the generated text's first word is the gold answer, else "wrong, expected <gold>"."""
+    words = text.split()
+    first = words[0].strip(".,!?:;") if words else ""
+    return f"right: {gold}" if first.lower() == gold.lower() else f"wrong, expected {gold}"
+
+
+def next_steps(out: str, model: str, adapter: str, prompts: str) -> str:
+    """Where to go from the demo: the commands that reuse its run config, adapter and prompts file."""
+    q = shlex.quote
+    config = q(os.path.join(out, "demo_config.yaml"))
+    return "\n".join([
+        f"next: the run config is {config}; each command below runs as it is",
+        f"  loramix train {config}    # the same training again (edit the YAML first)",
+        f"  loramix eval --config {config}    # accuracy of its adapter on the held-out sets",
+        f"  loramix inspect --config {config} --output-dir {q(os.path.join(out, 'inspect'))}    # router statistics",
+        f"  loramix generate --config {config} --prompt-file {q(prompts)} --max-new-tokens 3",
+        f"  loramix export --model {q(model)} --adapter {q(adapter)} {q(os.path.join(out, 'moe'))}    # a Mixtral "
+        f"checkpoint for vLLM and llama.cpp (docs/export.md)",
+    ])
+
+
+def run_demo(out: str, *, model: str | None = None, tokenizer: str | None = None, steps: int = 25,
+             n_train: int = 200, n_test: int = 30, seed: int = 0, echo: Callable[[str], None] = print) -> dict:
     """The whole demo; returns {"before", "after", "wall_s", ...} and writes demo_results.json into ``out``."""
     start = time.time()
     model = model or smollm2_path()
@@ -108,8 +133,11 @@ def run_demo(out: str, *, model: str | None = None, tokenizer: str | None = None
 
     shown = [next(e for e in test if e.task == t) for t in DEMO_TASKS]
     texts = generate(result.model, tok, [e.instruction for e in shown], max_new_tokens=4)
+    prompts = os.path.join(out, "prompts.txt")  # as `loramix generate --prompt-file` reads them
+    with open(prompts, "w", encoding="utf-8") as f:
+        f.writelines(e.instruction.replace("\n", "\\n") + "\n" for e in shown)
     for ex, text in zip(shown, texts):
-        echo(f"--- generation ({ex.task}) ---\n{ex.instruction}{text}")
+        echo(f"--- generation ({ex.task}; {generation_verdict(text, ex.choices[ex.label])}) ---\n{ex.instruction}{text}")
     wall = time.time() - start
     summary = {"before": before, "after": after, "wall_s": round(wall, 1), "steps": result.steps,
                "adapter": result.adapter_dir, "heatmap": heatmap}
@@ -118,4 +146,5 @@ def run_demo(out: str, *, model: str | None = None, tokenizer: str | None = None
     gain = 100 * (after["average"]["label_acc"] - before["average"]["label_acc"])
     echo(f"average accuracy {100 * before['average']['label_acc']:.1f}% -> {100 * after['average']['label_acc']:.1f}% "
          f"({gain:+.1f} points) in {wall:.0f} s; adapter: {result.adapter_dir}; heatmap: {heatmap}")
+    echo(next_steps(out, model, result.adapter_dir, prompts))
     return summary
