@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from ..errors import LoramixError
+from .adapter_folder import check_finite
 from .atomic import atomic_dir
 
 STATE_NAME = "trainer_state.pt"
@@ -79,7 +80,10 @@ def _trainable(model: Any) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(path: str, model: Any, *, optimizer: Any, scheduler: Any, step: int, run_config: dict[str, Any],
                     extra: dict[str, Any]) -> None:
-    """Write ``checkpoint-<step>`` atomically: the adapter, ``trainer_state.pt`` and ``run_config.yaml``."""
+    """Write ``checkpoint-<step>`` atomically: the adapter, ``trainer_state.pt`` and ``run_config.yaml``.
+    Refused (nothing written) when an adapter tensor is not finite."""
+    check_finite(_trainable(model).items(), f"{path} not written")
+
     def write(tmp: str) -> None:
         model.save_pretrained(tmp)
         torch.save({"step": step, "params": {n: p.detach().cpu().clone() for n, p in _trainable(model).items()},
@@ -87,15 +91,17 @@ def save_checkpoint(path: str, model: Any, *, optimizer: Any, scheduler: Any, st
                     "rng": rng_state(), **extra}, os.path.join(tmp, STATE_NAME))
         with open(os.path.join(tmp, RUN_CONFIG_NAME), "w", encoding="utf-8") as f:
             yaml.safe_dump(run_config, f, sort_keys=False)
-    atomic_dir(path, write)
+    atomic_dir(path, write, what=os.path.basename(path))
 
 
-def restore_checkpoint(path: str, model: Any, optimizer: Any, scheduler: Any) -> int:
-    """Load a checkpoint's trainable tensors, optimizer, scheduler and RNG state; returns its step."""
+def restore_checkpoint(path: str, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    """Load a checkpoint's trainable tensors, optimizer, scheduler and RNG state; returns its whole state
+    (``step``, ...)."""
     state = load_state(path)
     params = _trainable(model)
     if set(params) != set(state["params"]):
         raise LoramixError(f"{path}: checkpoint does not match this adapter config (different parameters)")
+    check_finite(state["params"].items(), path)
     with torch.no_grad():
         for name, value in state["params"].items():
             if params[name].shape != value.shape:
@@ -105,4 +111,4 @@ def restore_checkpoint(path: str, model: Any, optimizer: Any, scheduler: Any) ->
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
-    return int(state["step"])
+    return state
