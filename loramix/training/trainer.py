@@ -23,13 +23,12 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from transformers import get_scheduler
 
 from ..data import IGNORE_INDEX, Encoder, load_mixture, pad_token_id
 from ..errors import LoramixError
 from ..io import checkpoint as ckpt
 from ..io.adapter_folder import check_finite
-from ..io.atomic import DiskFullError, append_line, atomic_dir
+from ..io.atomic import DiskFullError, append_line, atomic_dir, atomic_write
 from ..io.base_model import load_base_model, load_tokenizer
 from ..io.lock import FolderLock
 from ..runconfig import RunConfig, TrainSpec
@@ -180,6 +179,29 @@ def _prepare_output_dir(out: str, resume: bool) -> None:
     os.makedirs(out, exist_ok=True)
 
 
+def _forget_logged_steps_after(out: str, step: int) -> None:
+    """Drop the log lines of steps after ``step`` (a killed run logged them; the resumed run logs them again)."""
+    path = os.path.join(out, LOG_NAME)
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if _logged_step(line) <= step]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+    if len(kept) < len(lines):
+        atomic_write(path, write, what=LOG_NAME)
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):  # a line cut off by a kill
+        return math.inf
+
+
 def _number(value: float | None) -> float | None:
     """A log value: None for NaN / Inf (not JSON)."""
     return value if value is None or math.isfinite(value) else None
@@ -229,6 +251,8 @@ class _Run:
         dp.seed_processes(t.seed)
         self.optimizer = make_optimizer(model, t)
         warmup = t.warmup_steps or math.ceil(t.warmup_ratio * self.plan.total_steps)
+        from transformers import get_scheduler  # transformers.trainer_utils imports peft: seconds, only when training
+
         self.scheduler = get_scheduler(t.lr_scheduler, self.optimizer, num_warmup_steps=warmup,
                                        num_training_steps=self.plan.total_steps)
         if resume:
@@ -240,6 +264,7 @@ class _Run:
                 self.echo(f"resuming from {found[-1][1]} (step {self.step} of {self.plan.total_steps})")
             else:
                 self.echo(f"no checkpoint in {out}; starting from scratch")
+            dp.on_main(lambda: _forget_logged_steps_after(out, self.step))
 
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.model.train()
