@@ -223,57 +223,22 @@ class _Run:
         return f"{os.path.basename(found[-1][1])} is intact" if found else "no checkpoint was written yet"
 
     def run(self, resume: bool, base_model: Any, tokenizer: Any) -> TrainResult:
-        cfg, t, dp, out = self.cfg, self.t, self.dp, self.out
+        dp, out = self.dp, self.out
         dp.on_main(lambda: _prepare_output_dir(out, resume))
-        specs = [dataclasses.replace(s, template=s.template or cfg.data.template) for s in cfg.data.datasets]
-        examples = load_mixture(specs, seed=t.seed)
-        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
-        encoder = Encoder(tokenizer, cutoff_len=cfg.data.cutoff_len, train_on_inputs=cfg.data.train_on_inputs,
-                          add_eos=cfg.data.add_eos)
-        features = [f for f in map(encoder.encode_train, examples)
-                    if any(x != IGNORE_INDEX for x in f["labels"][1:])]
-        if len(features) < len(examples):
-            self.echo(f"note: {len(examples) - len(features)} examples have no answer tokens left within "
-                      f"cutoff_len={cfg.data.cutoff_len} and are skipped")
-        if not features:
-            raise LoramixError("no training example has answer tokens within data.cutoff_len")
-        self.global_batch = dp.global_micro_batch(out, resume, t.micro_batch_size)
-        self.plan = make_plan(len(features), dataclasses.replace(t, micro_batch_size=self.global_batch))
-
-        set_seed(t.seed)
-        model = build_adapter_model(base_model if base_model is not None else load_base_model(cfg.model),
-                                    cfg.adapter)
-        if t.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "set_dispatch"):  # MixLoRA / MixDoRA (the LoRA / DoRA baselines have no MoE layers)
-            model.set_dispatch(t.moe_dispatch)
-        model.config.use_cache = False
-        dp.seed_processes(t.seed)
-        self.optimizer = make_optimizer(model, t)
-        warmup = t.warmup_steps or math.ceil(t.warmup_ratio * self.plan.total_steps)
-        from transformers import get_scheduler  # transformers.trainer_utils imports peft: seconds, only when training
-
-        self.scheduler = get_scheduler(t.lr_scheduler, self.optimizer, num_warmup_steps=warmup,
-                                       num_training_steps=self.plan.total_steps)
+        features, tokenizer = self.features(tokenizer)
+        self.global_batch = dp.global_micro_batch(out, resume, self.t.micro_batch_size)
+        self.plan = make_plan(len(features), dataclasses.replace(self.t, micro_batch_size=self.global_batch))
+        model = self.build(base_model)
         if resume:
-            found = ckpt.list_checkpoints(out)
-            if found:
-                state = ckpt.restore_checkpoint(found[-1][1], model, self.optimizer, self.scheduler)
-                self.step, self.skipped = int(state["step"]), int(state.get("skipped_nonfinite", 0))
-                dp.restore_rng(t.seed, self.step)
-                self.echo(f"resuming from {found[-1][1]} (step {self.step} of {self.plan.total_steps})")
-            else:
-                self.echo(f"no checkpoint in {out}; starting from scratch")
-            dp.on_main(lambda: _forget_logged_steps_after(out, self.step))
-
+            self.restore(model)
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.model.train()
         self.echo(f"training on {self.plan.n_examples} examples: {self.plan.total_steps} steps of "
-                  f"{t.gradient_accumulation_steps} x {self.global_batch}"
+                  f"{self.t.gradient_accumulation_steps} x {self.global_batch}"
                   + (f" ({dp.world} processes)" if dp.world > 1 else ""))
+        final = os.path.join(out, ADAPTER_DIR)
         try:
             self.loop(features, pad_token_id(tokenizer))
-            final = os.path.join(out, ADAPTER_DIR)
             self.save(lambda model: atomic_dir(final, model.save_pretrained, what="the final adapter"),
                       "the final adapter")
         except DiskFullError as e:
@@ -288,47 +253,72 @@ class _Run:
         self.echo(f"adapter saved to {final}")
         return TrainResult(final, model.eval(), tokenizer, self.step, self.skipped)
 
+    def features(self, tokenizer: Any) -> tuple[list[dict[str, list[int]]], Any]:
+        """The encoded training mixture (examples with answer tokens within cutoff_len) and the tokenizer."""
+        cfg = self.cfg
+        specs = [dataclasses.replace(s, template=s.template or cfg.data.template) for s in cfg.data.datasets]
+        try:
+            examples = load_mixture(specs, seed=self.t.seed)
+        except LoramixError as e:
+            raise LoramixError(*(f"{cfg.source}: {line}" for line in e.lines)) from None
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+        encoder = Encoder(tokenizer, cutoff_len=cfg.data.cutoff_len, train_on_inputs=cfg.data.train_on_inputs,
+                          add_eos=cfg.data.add_eos)
+        features = [f for f in map(encoder.encode_train, examples)
+                    if any(x != IGNORE_INDEX for x in f["labels"][1:])]
+        if len(features) < len(examples):
+            self.echo(f"note: {len(examples) - len(features)} examples have no answer tokens left within "
+                      f"cutoff_len={cfg.data.cutoff_len} and are skipped")
+        if not features:
+            raise LoramixError("no training example has answer tokens within data.cutoff_len")
+        return features, tokenizer
+
+    def build(self, base_model: Any) -> Any:
+        """The adapter model (seeded init), its optimizer and learning-rate schedule."""
+        t = self.t
+        set_seed(t.seed)
+        model = build_adapter_model(base_model if base_model is not None else load_base_model(self.cfg.model),
+                                    self.cfg.adapter)
+        if t.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "set_dispatch"):  # MixLoRA / MixDoRA (the LoRA / DoRA baselines have no MoE layers)
+            model.set_dispatch(t.moe_dispatch)
+        model.config.use_cache = False
+        self.dp.seed_processes(t.seed)
+        self.optimizer = make_optimizer(model, t)
+        warmup = t.warmup_steps or math.ceil(t.warmup_ratio * self.plan.total_steps)
+        from transformers import get_scheduler  # transformers.trainer_utils imports peft: seconds, only when training
+
+        self.scheduler = get_scheduler(t.lr_scheduler, self.optimizer, num_warmup_steps=warmup,
+                                       num_training_steps=self.plan.total_steps)
+        return model
+
+    def restore(self, model: Any) -> None:
+        """Continue from the newest checkpoint (if any); the log forgets the steps after it."""
+        found = ckpt.list_checkpoints(self.out)
+        if found:
+            state = ckpt.restore_checkpoint(found[-1][1], model, self.optimizer, self.scheduler)
+            self.step, self.skipped = int(state["step"]), int(state.get("skipped_nonfinite", 0))
+            self.dp.restore_rng(self.t.seed, self.step)
+            self.echo(f"resuming from {found[-1][1]} (step {self.step} of {self.plan.total_steps})")
+        else:
+            self.echo(f"no checkpoint in {self.out}; starting from scratch")
+        self.dp.on_main(lambda: _forget_logged_steps_after(self.out, self.step))
+
     def loop(self, features: list[dict[str, list[int]]], pad: int) -> None:
+        """Optimizer steps until the plan's total, logging and checkpointing; stops after a step on a signal."""
         t, dp, plan = self.t, self.dp, self.plan
-        acc = t.gradient_accumulation_steps
         logger = _Logger(self.out, plan.total_steps, self.step, t.progress_bar, main=dp.is_main)
         start = time.time()
         try:
             if dp.any(self.stop.signum is not None):  # a signal while loading: nothing new to save
                 raise self.interrupted(saved=False)
             while self.step < plan.total_steps:
-                losses, auxes = [], []
-                for m in range(self.step * acc, (self.step + 1) * acc):
-                    shard = dp.shard(features, plan.micro_batch(m, self.global_batch, t.seed), pad)
-                    ce, aux = dp.forward_backward(self.model, shard, scale=1 / acc,
-                                                  sync=m == (self.step + 1) * acc - 1)
-                    losses.append(ce + aux)
-                    auxes.append(aux)
-                loss = sum(losses) / acc
-                grad_norm = float(self.accelerator.clip_grad_norm_([p for _, p in trainable(self.model)],
-                                                                   t.max_grad_norm or math.inf))
-                finite = math.isfinite(loss) and math.isfinite(grad_norm)
-                if finite:
-                    self.optimizer.step()
-                elif t.skip_nonfinite:
-                    self.skipped += 1
-                else:
-                    raise LoramixError(
-                        f"step {self.step + 1}: the loss is {loss:.4g} and the gradient norm {grad_norm:.4g}; the run "
-                        f"stops before this update ({self.intact()}, nothing was written for this step): lower "
-                        "train.learning_rate, check the data, or set train.skip_nonfinite: true to skip such steps")
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
+                record = self.one_step(features, pad)
                 logger.bar.update(1)
-                if self.step % t.logging_steps == 0 or self.step == plan.total_steps or not finite:
-                    record = {"step": self.step, "epoch": round(self.step * acc / plan.micro_per_epoch, 4),
-                              "loss": _number(loss), "aux_loss": _number(sum(auxes) / acc),
-                              "lr": self.scheduler.get_last_lr()[0], "grad_norm": _number(grad_norm),
-                              "elapsed_s": round(time.time() - start, 2), **dp.load.summary()}
-                    if t.skip_nonfinite:
-                        record["skipped_steps"] = self.skipped
-                    logger.log(record)
+                skipped = record["loss"] is None or record["grad_norm"] is None  # always logged
+                if self.step % t.logging_steps == 0 or self.step == plan.total_steps or skipped:
+                    logger.log({**record, "elapsed_s": round(time.time() - start, 2), **dp.load.summary()})
                 stopping = dp.any(self.stop.signum is not None)
                 if (t.save_steps and self.step % t.save_steps == 0) or self.step == plan.total_steps or stopping:
                     self.save_checkpoint()
@@ -336,6 +326,38 @@ class _Run:
                     raise self.interrupted(saved=True)
         finally:
             logger.close()
+
+    def one_step(self, features: list[dict[str, list[int]]], pad: int) -> dict[str, Any]:
+        """One optimizer step (skipped when its loss or gradient norm is not finite and train.skip_nonfinite,
+        else an error); its log record."""
+        t, dp, acc = self.t, self.dp, self.t.gradient_accumulation_steps
+        losses, auxes = [], []
+        for m in range(self.step * acc, (self.step + 1) * acc):
+            shard = dp.shard(features, self.plan.micro_batch(m, self.global_batch, t.seed), pad)
+            ce, aux = dp.forward_backward(self.model, shard, scale=1 / acc, sync=m == (self.step + 1) * acc - 1)
+            losses.append(ce + aux)
+            auxes.append(aux)
+        loss = sum(losses) / acc
+        grad_norm = float(self.accelerator.clip_grad_norm_([p for _, p in trainable(self.model)],
+                                                           t.max_grad_norm or math.inf))
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+        elif t.skip_nonfinite:
+            self.skipped += 1
+        else:
+            raise LoramixError(
+                f"step {self.step + 1}: the loss is {loss:.4g} and the gradient norm {grad_norm:.4g}; the run "
+                f"stops before this update ({self.intact()}, nothing was written for this step): lower "
+                "train.learning_rate, check the data, or set train.skip_nonfinite: true to skip such steps")
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        record = {"step": self.step, "epoch": round(self.step * acc / self.plan.micro_per_epoch, 4),
+                  "loss": _number(loss), "aux_loss": _number(sum(auxes) / acc), "lr": self.scheduler.get_last_lr()[0],
+                  "grad_norm": _number(grad_norm)}
+        if t.skip_nonfinite:
+            record["skipped_steps"] = self.skipped
+        return record
 
     def interrupted(self, *, saved: bool) -> Interrupted:
         signum = self.stop.signum or signal.SIGTERM  # a process the signal did not reach follows the others
