@@ -37,19 +37,22 @@ class Problems:
     def add(self, line: str) -> None:
         self.lines.append(line)
 
-    def result(self, check: Callable[..., T], *args: Any, prefix: str = "", **kwargs: Any) -> T | None:
-        """``check(*args, **kwargs)``, or None with its error's lines recorded (each after ``prefix``)."""
+    def run(self, check: Callable[..., T], *args: Any, prefix: str = "", **kwargs: Any) -> tuple[bool, T | None]:
+        """``(True, check(*args, **kwargs))``, or ``(False, None)`` with its error's lines recorded (each after
+        ``prefix``)."""
         try:
-            return check(*args, **kwargs)
+            return True, check(*args, **kwargs)
         except LoramixError as e:
             self.lines.extend(prefix + line for line in e.lines)
-            return None
+            return False, None
+
+    def result(self, check: Callable[..., T], *args: Any, prefix: str = "", **kwargs: Any) -> T | None:
+        """What ``check`` returned, or None when it raised (recorded)."""
+        return self.run(check, *args, prefix=prefix, **kwargs)[1]
 
     def check(self, check: Callable[..., Any], *args: Any, prefix: str = "", **kwargs: Any) -> bool:
-        """Run ``check``; False (its error recorded) when it raised a LoramixError."""
-        before = len(self.lines)
-        self.result(check, *args, prefix=prefix, **kwargs)
-        return len(self.lines) == before
+        """Whether ``check`` passed (its error recorded when not)."""
+        return self.run(check, *args, prefix=prefix, **kwargs)[0]
 
     def raise_if_any(self, prefix: str = "") -> None:
         """One LoramixError with every recorded line, each after ``prefix``."""

@@ -188,14 +188,18 @@ def _build(cls: type, raw: Any, where: str, problems: Problems, clean: dict[str,
                 problems.add(f"{where}.{key}: must be a list of datasets")
                 continue
             kwargs[key] = [_build(DatasetSpec, v, f"{where}.{key}[{i}]", problems, clean) for i, v in enumerate(value)]
-        elif problems.check(_check_value, value, hints[key], fields[key].metadata, f"{where}.{key}"):
-            kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+        else:
+            ok, value = problems.run(_checked_value, value, hints[key], fields[key].metadata, f"{where}.{key}")
+            if ok:
+                kwargs[key] = value
     clean[where] = len(problems) == before
     return cls(**kwargs)
 
 
-def _check_value(value: Any, tp: Any, rule: dict[str, Any], where: str) -> None:
-    _check_rule(_coerce(value, tp, where), rule, where)
+def _checked_value(value: Any, tp: Any, rule: dict[str, Any], where: str) -> Any:
+    value = _coerce(value, tp, where)
+    _check_rule(value, rule, where)
+    return value
 
 
 def _check_adapter(adapter: dict[str, Any]) -> None:

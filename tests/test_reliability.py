@@ -6,6 +6,7 @@ each, and so do the runs they are compared with bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -485,7 +486,7 @@ def _at_micro_batch(n: int, then):
     return hook
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda sig: sig.name)
 def test_a_signal_finishes_the_step_writes_a_checkpoint_and_resume_is_exact(setup, reference, tmp_path, sig):
     out = tmp_path / "run"
     config = _config(setup, out, save_steps=0)
@@ -564,12 +565,15 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_adapter(se
     assert {k for k, _, _ in kinds} == {"step", "save", "final", "rotate", "time"}
 
 
-# ---- 5b. a dying torchrun process ----------------------------------------------------------------------------------
+# ---- 5b. a dying or frozen torchrun process -------------------------------------------------------------------------
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch.distributed with gloo is needed")
-def test_when_one_torchrun_process_dies_the_other_exits_soon_with_a_message(setup, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=lambda sig: sig.name)
+def test_when_one_torchrun_process_dies_or_freezes_the_other_exits_soon_with_a_message(setup, tmp_path, sig):
+    """SIGKILL: the other process's next collective fails at once. SIGSTOP (alive, never answering): it fails
+    after train.collective_timeout_s (10 s here) instead of hanging."""
     out = tmp_path / "ddp"
-    config = _config(setup, out, max_steps=400, save_steps=5, micro_batch_size=2)
+    config = _config(setup, out, max_steps=400, save_steps=5, micro_batch_size=2, collective_timeout_s=10)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "loramix", "train", str(config)], env=env, stdout=subprocess.PIPE,
@@ -579,15 +583,28 @@ def test_when_one_torchrun_process_dies_the_other_exits_soon_with_a_message(setu
         while not (out / "checkpoint-5").is_dir():
             assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
             time.sleep(0.2)
-        rank1 = next(pid for pid in _children(proc.pid) if _environ(pid).get("RANK") == "1")
-        os.kill(rank1, signal.SIGKILL)
-        killed = time.time()
+        ranks = {_environ(pid).get("RANK"): pid for pid in _children(proc.pid)}
+        os.kill(ranks["1"], sig)
+        hit = time.time()
+        while _running(ranks["0"]) and time.time() - hit < 90:
+            time.sleep(0.1)
+        took = time.time() - hit
+        with contextlib.suppress(ProcessLookupError):  # a frozen one is ours to end
+            os.kill(ranks["1"], signal.SIGKILL)
         output, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode != 0 and time.time() - killed < 60
+    assert proc.returncode != 0 and took < 60, took
     assert "loramix: error: process 0: lost contact with the other processes during step " in output, output[-3000:]
     assert "is intact: run again with loramix train" in output
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is still running (not gone, not a zombie waiting for its parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _children(parent: int) -> list[int]:

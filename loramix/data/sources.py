@@ -57,9 +57,8 @@ def _each(items: list[T], parse: Callable[[T], U], where: str) -> list[U]:
     """``parse`` every item; one LoramixError listing the first few failures (a line each) if any fail."""
     out, problems = [], Problems()
     for item in items:
-        before = len(problems)
-        value = problems.result(parse, item)
-        if len(problems) == before:
+        ok, value = problems.run(parse, item)
+        if ok:
             out.append(value)
     raise_problems(problems, where)
     return out

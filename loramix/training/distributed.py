@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import datetime
 import os
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -62,6 +63,12 @@ _LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Timed ou
 def lost_peer(exc: BaseException) -> bool:
     """Whether ``exc``, raised in a multi-process run, is a collective that lost another process."""
     return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and any(p in str(exc) for p in _LOST_PEER))
+
+
+def first_sentence(exc: BaseException) -> str:
+    """The gist of a communication library's error: its first sentence, without the source location."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    return text.split(". ")[0].rstrip(".")
 
 
 def predicted_tokens(feature: dict[str, list[int]]) -> int:

@@ -32,7 +32,7 @@ from ..io.atomic import DiskFullError, append_line, atomic_dir, atomic_write
 from ..io.base_model import load_base_model, load_tokenizer
 from ..io.lock import FolderLock
 from ..runconfig import RunConfig, TrainSpec
-from .distributed import DataParallel, lost_peer, make_accelerator
+from .distributed import DataParallel, first_sentence, lost_peer, make_accelerator
 from .methods import build_model, method_spec
 from .preemption import Interrupted, StopRequest
 
@@ -246,8 +246,8 @@ class _Run:
         except RuntimeError as e:
             if dp.world > 1 and lost_peer(e):
                 raise LoramixError(f"process {dp.rank}: lost contact with the other processes during step "
-                                   f"{self.step + 1} ({str(e).splitlines()[0][:200]}): one of them stopped, see "
-                                   f"its message; {self.intact()}: run again with {self.resume_command}") from None
+                                   f"{self.step + 1} ({first_sentence(e)}): one of them stopped, see its message; "
+                                   f"{self.intact()}: run again with {self.resume_command}") from None
             raise
         model = self.accelerator.unwrap_model(self.model)
         self.echo(f"adapter saved to {final}")
