@@ -565,13 +565,14 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_adapter(se
     assert {k for k, _, _ in kinds} == {"step", "save", "final", "rotate", "time"}
 
 
-# ---- 5b. a dying or frozen torchrun process -------------------------------------------------------------------------
+# ---- 5b. torchrun: SIGTERM, a dying or a frozen process ------------------------------------------------------------
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch.distributed with gloo is needed")
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=lambda sig: sig.name)
-def test_when_one_torchrun_process_dies_or_freezes_the_other_exits_soon_with_a_message(setup, tmp_path, sig):
-    """SIGKILL: the other process's next collective fails at once. SIGSTOP (alive, never answering): it fails
-    after train.collective_timeout_s (10 s here) instead of hanging."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL, signal.SIGSTOP], ids=lambda sig: sig.name)
+def test_torchrun_processes_stop_together_or_soon_after_one_dies_or_freezes(setup, tmp_path, sig):
+    """SIGTERM to torchrun (which passes it on): both processes finish the same step and write its checkpoint.
+    SIGKILL to process 1: process 0's next collective fails at once. SIGSTOP to process 1 (alive, never
+    answering): process 0 fails after train.collective_timeout_s (10 s here) instead of hanging."""
     out = tmp_path / "ddp"
     config = _config(setup, out, max_steps=400, save_steps=5, micro_batch_size=2, collective_timeout_s=10)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -584,7 +585,7 @@ def test_when_one_torchrun_process_dies_or_freezes_the_other_exits_soon_with_a_m
             assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
             time.sleep(0.2)
         ranks = {_environ(pid).get("RANK"): pid for pid in _children(proc.pid)}
-        os.kill(ranks["1"], sig)
+        os.kill(proc.pid if sig == signal.SIGTERM else ranks["1"], sig)
         hit = time.time()
         while _running(ranks["0"]) and time.time() - hit < 90:
             time.sleep(0.1)
@@ -595,8 +596,15 @@ def test_when_one_torchrun_process_dies_or_freezes_the_other_exits_soon_with_a_m
     finally:
         proc.kill()
     assert proc.returncode != 0 and took < 60, took
-    assert "loramix: error: process 0: lost contact with the other processes during step " in output, output[-3000:]
-    assert "is intact: run again with loramix train" in output
+    if sig == signal.SIGTERM:
+        stops = [line for line in output.splitlines() if line.startswith("loramix: interrupted: stopped by SIGTERM")]
+        assert len(stops) == 2 and stops[0] == stops[1], output[-3000:]
+        step = int(stops[0].split("after step ")[1].split()[0])
+        assert ckpt.list_checkpoints(str(out))[-1][0] == step and f"checkpoint-{step} is written" in stops[0]
+    else:
+        assert "loramix: error: process 0: lost contact with the other processes during step " in output, \
+            output[-3000:]
+        assert "is intact: run again with loramix train" in output
 
 
 def _running(pid: int) -> bool:
