@@ -71,7 +71,7 @@ class DataSpec:
     datasets: list[DatasetSpec] = field(default_factory=list)
     eval: list[DatasetSpec] = field(default_factory=list)
     template: str | None = None
-    cutoff_len: int = _key(256, ge=2)
+    cutoff_len: int = _key(256, ge=1)
     train_on_inputs: bool = False
     add_eos: bool = True
 

@@ -47,6 +47,7 @@ class StopRequest:
         self._previous = {}
 
     def __enter__(self) -> "StopRequest":
+        self.signum = None
         if threading.current_thread() is threading.main_thread():
             self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
         return self

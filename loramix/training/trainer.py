@@ -164,8 +164,7 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
     lock = FolderLock(t.output_dir, what="training run", echo=echo)
     dp.on_main(lock.acquire)
     try:
-        with StopRequest() as stop:
-            return _Run(cfg, dp, echo, stop, resume_command).run(resume, base_model, tokenizer)
+        return _Run(cfg, dp, echo, resume_command).run(resume, base_model, tokenizer)
     finally:
         if dp.is_main:
             lock.release()
@@ -210,10 +209,10 @@ def _number(value: float | None) -> float | None:
 class _Run:
     """One training run: the data, the model and optimizer, the step loop and its checkpoints."""
 
-    def __init__(self, cfg: RunConfig, dp: DataParallel, echo: Callable[[str], None], stop: StopRequest,
-                 resume_command: str) -> None:
+    def __init__(self, cfg: RunConfig, dp: DataParallel, echo: Callable[[str], None], resume_command: str) -> None:
         self.cfg, self.t, self.out = cfg, cfg.train, cfg.train.output_dir
-        self.dp, self.accelerator, self.echo, self.stop = dp, dp.accelerator, echo, stop
+        self.dp, self.accelerator, self.echo = dp, dp.accelerator, echo
+        self.stop = StopRequest()  # active from the first step to the final adapter: before, a signal just stops
         self.resume_command = resume_command
         self.step = self.skipped = 0
 
@@ -238,9 +237,10 @@ class _Run:
                   + (f" ({dp.world} processes)" if dp.world > 1 else ""))
         final = os.path.join(out, ADAPTER_DIR)
         try:
-            self.loop(features, pad_token_id(tokenizer))
-            self.save(lambda model: atomic_dir(final, model.save_pretrained, what="the final adapter"),
-                      "the final adapter")
+            with self.stop:
+                self.loop(features, pad_token_id(tokenizer))
+                self.save(lambda model: atomic_dir(final, model.save_pretrained, what="the final adapter"),
+                          "the final adapter")
         except DiskFullError as e:
             raise e.with_detail(f"{self.intact()}: free space and run again with {self.resume_command}") from None
         except RuntimeError as e:
@@ -311,8 +311,6 @@ class _Run:
         logger = _Logger(self.out, plan.total_steps, self.step, t.progress_bar, main=dp.is_main)
         start = time.time()
         try:
-            if dp.any(self.stop.signum is not None):  # a signal while loading: nothing new to save
-                raise self.interrupted(saved=False)
             while self.step < plan.total_steps:
                 record = self.one_step(features, pad)
                 logger.bar.update(1)
@@ -323,7 +321,7 @@ class _Run:
                 if (t.save_steps and self.step % t.save_steps == 0) or self.step == plan.total_steps or stopping:
                     self.save_checkpoint()
                 if stopping:
-                    raise self.interrupted(saved=True)
+                    raise self.interrupted()
         finally:
             logger.close()
 
@@ -359,11 +357,11 @@ class _Run:
             record["skipped_steps"] = self.skipped
         return record
 
-    def interrupted(self, *, saved: bool) -> Interrupted:
+    def interrupted(self) -> Interrupted:
         signum = self.stop.signum or signal.SIGTERM  # a process the signal did not reach follows the others
-        done = f"checkpoint-{self.step} is written" if saved else f"nothing new to save ({self.intact()})"
         return Interrupted(signum, f"stopped by {signal.Signals(signum).name} after step {self.step} of "
-                                   f"{self.plan.total_steps}: {done}; continue with {self.resume_command}")
+                                   f"{self.plan.total_steps}: checkpoint-{self.step} is written; continue with "
+                                   f"{self.resume_command}")
 
     def save(self, write: Callable[[Any], None], what: str) -> None:
         """``write(model)`` on process 0 with whole parameters, refused when a trainable tensor is not finite."""
