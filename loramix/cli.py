@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; user errors print one ``loramix: error:`` line and return 2."""
+    """Run the command line; user errors print one ``loramix: error:`` line per problem and return 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line, before or after the subcommand
     try:
@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     except LoramixError as e:
         if debug:
             raise
-        print(f"loramix: error: {e}", file=sys.stderr)
-        return 2
+        for line in e.lines:
+            print(f"loramix: {e.label}: {line}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("loramix: interrupted", file=sys.stderr)
         return 130

@@ -8,14 +8,14 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import LoramixError
+from .errors import LoramixError, Problems
 from .nn.routing import ROUTERS
 
 INIT_CHOICES = ("original", "gaussian")
-EXPERT_LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "use_dora", "use_rslora", "init_lora_weights")
 CONFIG_NAME = "adapter_config.json"
 # Our routing names and the reference's ``routing_strategy`` for each (the routers own them: nn/routing.py).
 ROUTINGS = {name: router.moe_peft_name for name, router in ROUTERS.items()}
@@ -59,7 +59,7 @@ class MixLoraConfig:
     task_type: str | None = "CAUSAL_LM"
 
     def __post_init__(self) -> None:
-        if self.routing in ROUTERS:
+        if isinstance(self.routing, str) and self.routing in ROUTERS:
             for key, value in ROUTERS[self.routing].defaults.items():
                 if getattr(self, key) is None:
                     setattr(self, key, value)
@@ -67,49 +67,35 @@ class MixLoraConfig:
 
     # ---- validation -------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise LoramixError naming the first field that is wrong, what it is and what is allowed."""
-        _check_int("r", self.r, minimum=1)
-        _check_number("lora_alpha", self.lora_alpha, minimum=0, strict=True)
-        _check_number("lora_dropout", self.lora_dropout, minimum=0, maximum=1, upper_strict=True)
-        if self.target_modules is not None:
-            if isinstance(self.target_modules, str) or not all(isinstance(t, str) for t in self.target_modules):
-                raise LoramixError(
-                    f"config field 'target_modules' must be a list of module names, got {self.target_modules!r}"
-                )
-            if not self.target_modules:
-                raise LoramixError("config field 'target_modules' is empty: name at least one projection")
+        """Raise one LoramixError naming every field that is wrong (a line each: the field, what it is, what is
+        allowed)."""
+        problems = Problems()
+        check = problems.check
+        for key, check_value in LORA_FIELD_CHECKS.items():
+            check(check_value, key, getattr(self, key))
+        if self.target_modules is not None and check(_check_target_modules, self.target_modules):
             self.target_modules = list(self.target_modules)
-        _check_bool("use_rslora", self.use_rslora)
-        _check_bool("use_dora", self.use_dora)
-        _check_init("init_lora_weights", self.init_lora_weights)
-        _check_int("num_experts", self.num_experts, minimum=1)
-        self._validate_routing()
-        _check_number("router_init_range", self.router_init_range, minimum=0)
-        _check_number("jitter_noise", self.jitter_noise, minimum=0, maximum=1, upper_strict=True)
-        _check_number("router_aux_loss_coef", self.router_aux_loss_coef, minimum=0)
-        _check_number("router_z_loss_coef", self.router_z_loss_coef, minimum=0)
-        _check_bool("router_loss", self.router_loss)
-        if self.expert_lora is not None:
-            if not isinstance(self.expert_lora, dict):
-                raise LoramixError(f"config field 'expert_lora' must be a mapping, got {self.expert_lora!r}")
+        num_experts_ok = check(_check_int, "num_experts", self.num_experts, minimum=1)
+        if check(_check_str, "routing", self.routing) and num_experts_ok:  # the routing checks compare with them
+            check(self._validate_routing)
+        defaults = isinstance(self.routing, str) and self.routing in ROUTERS  # else None: no routing's default
+        if defaults or self.router_init_range is not None:
+            check(_check_number, "router_init_range", self.router_init_range, minimum=0)
+        if defaults or self.jitter_noise is not None:
+            check(_check_number, "jitter_noise", self.jitter_noise, minimum=0, maximum=1, upper_strict=True)
+        check(_check_number, "router_aux_loss_coef", self.router_aux_loss_coef, minimum=0)
+        check(_check_number, "router_z_loss_coef", self.router_z_loss_coef, minimum=0)
+        check(_check_bool, "router_loss", self.router_loss)
+        if self.expert_lora is not None and check(_check_mapping, "expert_lora", self.expert_lora):
             for key, value in self.expert_lora.items():
-                reject_unknown(key, EXPERT_LORA_KEYS, "expert_lora key")
-                name = f"expert_lora.{key}"
-                if key == "r":
-                    _check_int(name, value, minimum=1)
-                elif key == "lora_alpha":
-                    _check_number(name, value, minimum=0, strict=True)
-                elif key == "lora_dropout":
-                    _check_number(name, value, minimum=0, maximum=1, upper_strict=True)
-                elif key == "init_lora_weights":
-                    _check_init(name, value)
-                else:
-                    _check_bool(name, value)
+                if check(reject_unknown, key, EXPERT_LORA_KEYS, "expert_lora key"):
+                    check(LORA_FIELD_CHECKS[key], f"expert_lora.{key}", value)
         if self.act_fn is not None:
             from transformers.activations import ACT2FN
 
             if self.act_fn not in ACT2FN:
-                reject_unknown(self.act_fn, sorted(ACT2FN), "act_fn value")
+                check(reject_unknown, self.act_fn, sorted(ACT2FN), "act_fn value")
+        problems.raise_if_any()
 
     def _validate_routing(self) -> None:
         if self.routing not in ROUTINGS:
@@ -159,16 +145,17 @@ class MixLoraConfig:
         if not isinstance(data, dict):
             raise LoramixError(f"{source}: expected a JSON object, got {type(data).__name__}")
         data = dict(data)
+        problems = Problems()
         peft_type = data.pop("peft_type", "MIXLORA")
         if peft_type is not None and str(peft_type).upper() != "MIXLORA":
             raise LoramixError(f"{source}: peft_type {peft_type!r} is not a MixLoRA adapter (expected 'MIXLORA')")
         if "routing_strategy" in data:
-            _read_routing_strategy(data, source)
+            problems.check(_read_routing_strategy, data, source)
         # Reference (MoE-PEFT) names and keys that carry no information for us.
         if "lora_init" in data:
             data["init_lora_weights"] = data.pop("lora_init")
         if data.get("bias", "none") != "none":
-            raise LoramixError(f"{source}: bias {data['bias']!r} is not supported (only 'none')")
+            problems.add(f"{source}: bias {data['bias']!r} is not supported (only 'none')")
         data.pop("bias", None)
         for ignored in ("name", "task_name", "sparse_step"):
             data.pop(ignored, None)
@@ -179,13 +166,12 @@ class MixLoraConfig:
             if "lora_init" in expert:
                 expert["init_lora_weights"] = expert.pop("lora_init")
             data["expert_lora"] = expert
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        for key in data:
-            reject_unknown(key, list(fields), f"{source} key")
-        try:
-            return cls(**data)
-        except LoramixError as exc:
-            raise LoramixError(f"{source}: {exc}") from None
+        fields = [f.name for f in dataclasses.fields(cls)]
+        known = {key: value for key, value in data.items()
+                 if problems.check(reject_unknown, key, fields, "key", prefix=f"{source}: ")}
+        config = problems.result(cls, **known, prefix=f"{source}: ")
+        problems.raise_if_any()
+        return config
 
     def to_json_file(self, path: str | os.PathLike) -> None:
         with open(path, "w", encoding="utf-8") as fh:
@@ -229,6 +215,18 @@ def _read_routing_strategy(data: dict[str, Any], source: str) -> None:
                           "routes differently here (docs/variants.md)", stacklevel=3)
 
 
+def _check_target_modules(value: Any) -> None:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
+        raise LoramixError(f"config field 'target_modules' must be a list of module names, got {value!r}")
+    if not value:
+        raise LoramixError("config field 'target_modules' is empty: name at least one projection")
+
+
+def _check_mapping(name: str, value: Any) -> None:
+    if not isinstance(value, dict):
+        raise LoramixError(f"config field {name!r} must be a mapping, got {value!r}")
+
+
 def _check_init(name: str, value: Any) -> None:
     if value not in INIT_CHOICES:
         raise LoramixError(f"config field {name!r} must be one of {list(INIT_CHOICES)}, got {value!r}")
@@ -240,6 +238,11 @@ def reject_unknown(key: str, allowed: list[str] | tuple[str, ...], what: str) ->
     close = difflib.get_close_matches(str(key), list(allowed), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(allowed)}"
     raise LoramixError(f"unknown {what} {key!r}{hint}")
+
+
+def _check_str(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise LoramixError(f"config field {name!r} must be a string, got {value!r}")
 
 
 def _check_bool(name: str, value: Any) -> None:
@@ -256,9 +259,21 @@ def _check_int(name: str, value: Any, *, minimum: int) -> None:
 
 def _check_number(name: str, value: Any, *, minimum: float, maximum: float | None = None,
                   strict: bool = False, upper_strict: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise LoramixError(f"config field {name!r} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LoramixError(f"config field {name!r} must be a finite number, got {value!r}")
     if value < minimum or (strict and value == minimum):
         raise LoramixError(f"config field {name!r} must be {'>' if strict else '>='} {minimum}, got {value}")
     if maximum is not None and (value > maximum or (upper_strict and value == maximum)):
         raise LoramixError(f"config field {name!r} must be {'<' if upper_strict else '<='} {maximum}, got {value}")
+
+
+# The LoRA settings of the attention LoRAs, which ``expert_lora`` may override for the experts: name -> its check.
+LORA_FIELD_CHECKS: dict[str, Callable[[str, Any], None]] = {
+    "r": lambda name, value: _check_int(name, value, minimum=1),
+    "lora_alpha": lambda name, value: _check_number(name, value, minimum=0, strict=True),
+    "lora_dropout": lambda name, value: _check_number(name, value, minimum=0, maximum=1, upper_strict=True),
+    "use_dora": _check_bool,
+    "use_rslora": _check_bool,
+    "init_lora_weights": _check_init,
+}
+EXPERT_LORA_KEYS = tuple(LORA_FIELD_CHECKS)

@@ -6,9 +6,13 @@ import os
 from typing import Any
 
 from .errors import LoramixError
+from .io import moe_peft
+from .io.adapter_folder import SAFETENSORS_NAME, NonFiniteError, check_finite, read_adapter_config
 from .io.base_model import load_base_model, load_tokenizer, resolve_device
 from .model import MixLoraModel
 from .runconfig import ModelSpec
+
+PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def adapter_kind(path: str) -> str:
@@ -30,6 +34,18 @@ def adapter_kind(path: str) -> str:
     raise LoramixError(f"{cfg_path}: peft_type {peft_type!r} is not supported (MIXLORA or LORA)")
 
 
+def check_adapter_folder(path: str) -> str:
+    """Before anything loads: the adapter folder's kind ("mixlora" or "lora"), after checking that its config
+    is valid (a MixLoRA config names every bad field) and that it has a weights file."""
+    kind = adapter_kind(path)
+    weights = (SAFETENSORS_NAME, moe_peft.WEIGHTS_NAME) if kind == "mixlora" else PEFT_WEIGHTS
+    if kind == "mixlora":
+        read_adapter_config(path)
+    if not any(os.path.isfile(os.path.join(path, name)) for name in weights):
+        raise LoramixError(f"{path}: no adapter weights ({' or '.join(weights)})")
+    return kind
+
+
 def attach_adapter(base: Any, path: str | None) -> Any:
     """Base model with the adapter in ``path`` (MixLoRA or PEFT LoRA) in eval mode; the bare model if None."""
     if path is None:
@@ -40,7 +56,11 @@ def attach_adapter(base: Any, path: str | None) -> Any:
             return MixLoraModel.from_pretrained(base, path).eval()
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(base, path).eval()
+        model = PeftModel.from_pretrained(base, path).eval()
+        check_finite(((n, p) for n, p in model.named_parameters() if "lora_" in n), path)
+        return model
+    except NonFiniteError:
+        raise
     except LoramixError as e:
         raise LoramixError(f"adapter {path} does not fit this model: {e}") from None
     except (RuntimeError, KeyError, ValueError) as e:

@@ -5,17 +5,34 @@ errors with a did-you-mean; ``--set a.b=value`` overrides any key (list items by
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from .config import reject_unknown
-from .errors import LoramixError
-from .nn.dispatch import DEFAULT_DISPATCH, check_dispatch
+from .errors import LoramixError, Problems
+from .nn.dispatch import CHOICES as DISPATCH_CHOICES
+from .nn.dispatch import DEFAULT_DISPATCH
+from .training.methods import check_peft_lora, method_spec
+
+
+DATA_FORMATS = ("auto", "instruction", "commonsense", "classification", "tsv", "reference", "hub")
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
+_PRECISIONS = ("fp32", "bf16")
+QUANTIZATIONS = ("nf4", "fp4", "int8")
+_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "polynomial", "cosine_with_restarts")
+
+
+def _key(default: Any, **rule: Any) -> Any:
+    """A config key with its allowed values: ``ge``/``gt``/``le``/``lt`` bounds or ``choices`` (see _check_rule)."""
+    return field(default=default, metadata=rule)
 
 
 @dataclass
@@ -29,7 +46,7 @@ class ModelSpec:
     name_or_path: str = ""
     gguf_file: str | None = None
     tokenizer: str | None = None
-    dtype: str = "float32"
+    dtype: str = _key("float32", choices=MODEL_DTYPES)
     trust_remote_code: bool = False
     quantization: str | None = None
     double_quant: bool = False
@@ -40,12 +57,12 @@ class DatasetSpec:
     """One dataset of a (multi-task) mixture; see docs/cli.md for the formats."""
 
     path: str = ""
-    format: str = "auto"
+    format: str = _key("auto", choices=DATA_FORMATS)
     task: str | None = None
     template: str | None = None
-    weight: float = 1.0
-    samples: int | None = None
-    limit: int | None = None
+    weight: float = _key(1.0, gt=0)
+    samples: int | None = _key(None, ge=1)
+    limit: int | None = _key(None, ge=1)
     split: str | None = None
     subset: str | None = None
     instruction: str | None = None
@@ -62,7 +79,7 @@ class DataSpec:
     datasets: list[DatasetSpec] = field(default_factory=list)
     eval: list[DatasetSpec] = field(default_factory=list)
     template: str | None = None
-    cutoff_len: int = 256
+    cutoff_len: int = _key(256, ge=1)
     train_on_inputs: bool = False
     add_eos: bool = True
 
@@ -72,29 +89,31 @@ class TrainSpec:
     """Optimiser, schedule, batching, precision, checkpointing and logging."""
 
     output_dir: str = "runs/loramix"
-    epochs: float = 1.0
-    max_steps: int | None = None
-    micro_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 2e-4
-    lr_scheduler: str = "linear"
-    warmup_ratio: float = 0.0
-    warmup_steps: int = 0
-    loraplus_lr_ratio: float = 1.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float | None = 1.0
-    precision: str = "fp32"
+    epochs: float = _key(1.0, gt=0)
+    max_steps: int | None = _key(None, ge=1)
+    micro_batch_size: int = _key(4, ge=1)
+    gradient_accumulation_steps: int = _key(1, ge=1)
+    learning_rate: float = _key(2e-4, gt=0)
+    lr_scheduler: str = _key("linear", choices=_SCHEDULERS)
+    warmup_ratio: float = _key(0.0, ge=0, le=1)
+    warmup_steps: int = _key(0, ge=0)
+    loraplus_lr_ratio: float = _key(1.0, ge=1)
+    weight_decay: float = _key(0.0, ge=0)
+    adam_beta1: float = _key(0.9, ge=0, lt=1)
+    adam_beta2: float = _key(0.999, ge=0, lt=1)
+    adam_epsilon: float = _key(1e-8, gt=0)
+    max_grad_norm: float | None = _key(1.0, gt=0)
+    skip_nonfinite: bool = False
+    collective_timeout_s: float | None = _key(600.0, gt=0)
+    precision: str = _key("fp32", choices=_PRECISIONS)
     gradient_checkpointing: bool | None = None  # None: on for a quantised base, off otherwise
     fsdp: bool = False
-    moe_dispatch: str = DEFAULT_DISPATCH
-    seed: int = 42
-    logging_steps: int = 1
-    save_steps: int = 0
-    save_total_limit: int | None = 2
-    eval_batch_size: int = 8
+    moe_dispatch: str = _key(DEFAULT_DISPATCH, choices=DISPATCH_CHOICES)
+    seed: int = _key(42, ge=0)
+    logging_steps: int = _key(1, ge=1)
+    save_steps: int = _key(0, ge=0)
+    save_total_limit: int | None = _key(2, ge=1)
+    eval_batch_size: int = _key(8, ge=1)
     progress_bar: bool = True
 
 
@@ -114,11 +133,6 @@ class RunConfig:
         return d
 
 
-_PRECISIONS = ("fp32", "bf16")
-QUANTIZATIONS = ("nf4", "fp4", "int8")
-_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "polynomial", "cosine_with_restarts")
-
-
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against a simple annotation (int, float, str, bool, list, Optional[...])."""
     args = typing.get_args(tp)
@@ -136,12 +150,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise LoramixError(f"{where}: must be an integer, found {value!r}")
     elif origin is float:
-        try:
-            value = float(value) if not isinstance(value, bool) else None
-        except (TypeError, ValueError):
-            value = None
-        if value is None:
-            raise LoramixError(f"{where}: must be a number")
+        number = None
+        if not isinstance(value, bool):  # YAML reads 2e-4 (no dot) as a string
+            with contextlib.suppress(TypeError, ValueError):
+                number = float(value)
+        if number is None or not math.isfinite(number):
+            raise LoramixError(f"{where}: must be a finite number, found {value!r}")
+        value = number
     elif origin is str:
         if not isinstance(value, str):
             raise LoramixError(f"{where}: must be a string, found {value!r}")
@@ -150,52 +165,104 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
-    """Instantiate dataclass ``cls`` from a dict, rejecting unknown keys and wrong types."""
+def _check_rule(value: Any, rule: dict[str, Any], where: str) -> None:
+    """``value`` (already of the key's type; None passes) within the key's bounds or choices."""
+    if value is None:
+        return
+    if "choices" in rule and value not in rule["choices"]:
+        raise LoramixError(f"{where}: must be one of {', '.join(rule['choices'])}, found {value!r}")
+    for name, sign, fails in (("ge", ">=", lambda v, b: v < b), ("gt", ">", lambda v, b: v <= b),
+                              ("le", "<=", lambda v, b: v > b), ("lt", "<", lambda v, b: v >= b)):
+        if name in rule and fails(value, rule[name]):
+            raise LoramixError(f"{where}: must be {sign} {rule[name]}, found {value}")
+
+
+def _build(cls: type, raw: Any, where: str, problems: Problems, clean: dict[str, bool]) -> Any:
+    """Dataclass ``cls`` from a dict; unknown keys and wrong values are recorded in ``problems`` (and left at
+    their defaults). ``clean[where]`` says whether this part had none."""
+    before = len(problems)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise LoramixError(f"{where}: expected a mapping of keys, found {type(raw).__name__}")
+        problems.add(f"{where}: expected a mapping of keys, found {type(raw).__name__}")
+        raw = {}
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in raw.items():
-        reject_unknown(key, names, f"key in {where}")
-        if key == "datasets" or key == "eval":
+        if not problems.check(reject_unknown, key, list(fields), "key", prefix=f"{where}: "):
+            continue
+        if key in ("datasets", "eval"):
             if not isinstance(value, list):
-                raise LoramixError(f"{where}.{key}: must be a list of datasets")
-            value = [_build(DatasetSpec, v, f"{where}.{key}[{i}]") for i, v in enumerate(value)]
+                problems.add(f"{where}.{key}: must be a list of datasets")
+                continue
+            kwargs[key] = [_build(DatasetSpec, v, f"{where}.{key}[{i}]", problems, clean) for i, v in enumerate(value)]
         else:
-            value = _coerce(value, hints[key], f"{where}.{key}")
-        kwargs[key] = value
+            ok, value = problems.run(_checked_value, value, hints[key], fields[key].metadata, f"{where}.{key}")
+            if ok:
+                kwargs[key] = value
+    clean[where] = len(problems) == before
     return cls(**kwargs)
 
 
-def build_run_config(raw: Any, *, source: str = "config") -> RunConfig:
-    """Validate a parsed YAML document into a RunConfig."""
+def _checked_value(value: Any, tp: Any, rule: dict[str, Any], where: str) -> Any:
+    value = _coerce(value, tp, where)
+    _check_rule(value, rule, where)
+    return value
+
+
+def _check_adapter(adapter: dict[str, Any]) -> None:
+    """The adapter section as its builder reads it: ``type: mixlora`` through training.methods.method_spec (the
+    MixLoraConfig keys plus ``method`` and ``lora_r``), ``type: lora`` as PEFT LoraConfig keys."""
+    keys = {k: v for k, v in adapter.items() if k != "type"}
+    if adapter["type"] == "mixlora":
+        method_spec(keys, source="adapter")
+    else:
+        check_peft_lora(keys, source="adapter")
+
+
+def build_run_config(raw: Any, *, source: str = "config",
+                     check_model: Callable[[ModelSpec], None] | None = None,
+                     check_dataset: Callable[[DatasetSpec], None] | None = None) -> RunConfig:
+    """Validate a parsed YAML document into a RunConfig; one LoramixError lists every problem, a line each.
+
+    For a run that is about to start, ``check_model`` is applied to the model section and ``check_dataset`` to
+    each training dataset (then ``data.datasets`` must not be empty), when those parts are well-formed.
+    """
     if not isinstance(raw, dict):
         raise LoramixError(f"{source}: expected a YAML mapping with sections model, adapter, data, train")
+    problems = Problems()
     for key in raw:
-        reject_unknown(key, ["model", "adapter", "data", "train"], f"section in {source}")
-    model = _build(ModelSpec, raw.get("model"), "model")
+        problems.check(reject_unknown, key, ["model", "adapter", "data", "train"], "section")
+    clean: dict[str, bool] = {}
+    model = _build(ModelSpec, raw.get("model"), "model", problems, clean)
     if not model.name_or_path:
-        raise LoramixError(f"{source}: model.name_or_path is required (a hub id, a local folder or a .gguf file)")
-    check_quantization(model)
-    adapter = dict(raw.get("adapter") or {})
+        problems.add("model.name_or_path is required (a hub id, a local folder or a .gguf file)")
+    else:
+        problems.check(check_quantization, model)
+    if model.name_or_path and check_model is not None and clean["model"]:
+        problems.check(check_model, model, prefix="model.")
+    adapter = raw.get("adapter") or {}
+    if not isinstance(adapter, dict):
+        problems.add(f"adapter: expected a mapping of keys, found {type(adapter).__name__}")
+        adapter = {}
+    adapter = dict(adapter)
     if adapter.setdefault("type", "mixlora") not in ("mixlora", "lora"):
-        raise LoramixError(f"{source}: adapter.type must be 'mixlora' or 'lora', found {adapter['type']!r}")
-    data = _build(DataSpec, raw.get("data"), "data")
-    train = _build(TrainSpec, raw.get("train"), "train")
-    if train.precision not in _PRECISIONS:
-        raise LoramixError(f"train.precision must be one of {', '.join(_PRECISIONS)}, found {train.precision!r}")
-    check_dispatch(train.moe_dispatch, what="train.moe_dispatch")
-    if train.lr_scheduler not in _SCHEDULERS:
-        raise LoramixError(f"train.lr_scheduler must be one of {', '.join(_SCHEDULERS)}, found {train.lr_scheduler!r}")
-    for name in ("micro_batch_size", "gradient_accumulation_steps", "logging_steps", "eval_batch_size"):
-        if getattr(train, name) < 1:
-            raise LoramixError(f"train.{name} must be >= 1, found {getattr(train, name)}")
-    if train.loraplus_lr_ratio < 1:
-        raise LoramixError(f"train.loraplus_lr_ratio must be >= 1, found {train.loraplus_lr_ratio}")
+        problems.add(f"adapter.type: must be 'mixlora' or 'lora', found {adapter['type']!r}")
+    else:
+        problems.check(_check_adapter, adapter)
+    data = _build(DataSpec, raw.get("data"), "data", problems, clean)
+    train = _build(TrainSpec, raw.get("train"), "train", problems, clean)
+    if check_dataset is not None:
+        entries = raw["data"].get("datasets") if isinstance(raw.get("data"), dict) else None
+        if entries in (None, []):
+            problems.add("data.datasets is empty: give at least one training dataset")
+        for i, spec in enumerate(data.datasets):
+            where = f"data.datasets[{i}]"
+            if clean[where]:
+                problems.check(check_dataset, dataclasses.replace(spec, template=spec.template or data.template),
+                               prefix=f"{where}: ")
+    problems.raise_if_any(prefix=f"{source}: ")
     return RunConfig(model=model, adapter=adapter, data=data, train=train, source=source)
 
 
@@ -235,8 +302,8 @@ def apply_override(raw: dict, assignment: str) -> None:
             node = node.setdefault(key, {})
 
 
-def load_run_config(path: str, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML run config, apply ``--set`` overrides and validate it."""
+def load_run_config(path: str, overrides: list[str] = (), **checks: Any) -> RunConfig:
+    """Read a YAML run config, apply ``--set`` overrides and validate it (``checks``: as in build_run_config)."""
     if not os.path.isfile(path):
         raise LoramixError(f"{path}: no such config file")
     with open(path, encoding="utf-8") as f:
@@ -250,8 +317,4 @@ def load_run_config(path: str, overrides: list[str] = ()) -> RunConfig:
         raise LoramixError(f"{path}: expected a YAML mapping with sections model, adapter, data, train")
     for assignment in overrides:
         apply_override(raw, assignment)
-    try:
-        return build_run_config(raw, source=path)
-    except LoramixError as e:
-        msg = str(e)
-        raise LoramixError(msg if msg.startswith(path) else f"{path}: {msg}") from None
+    return build_run_config(raw, source=path, **checks)

@@ -117,7 +117,7 @@ def test_method_defaults_follow_use_dora():
     ({"method": "lorra"}, "unknown adapter.method 'lorra'; did you mean 'lora'?"),
     ({"lora_r": 0}, "adapter.lora_r must be a positive integer or 'match', got 0"),
     ({"lora_r": "best"}, "adapter.lora_r must be a positive integer or 'match'"),
-    ({"num_expert": 2}, "unknown adapter key 'num_expert'; did you mean 'num_experts'?"),
+    ({"num_expert": 2}, "adapter: unknown key 'num_expert'; did you mean 'num_experts'?"),
     ({"method": "mixlora", "use_dora": True}, "adapter.use_dora true contradicts method 'mixlora'"),
 ])
 def test_bad_method_settings(adapter, message):

@@ -31,7 +31,7 @@ def test_scaling_plain_rslora_and_expert_override():
 
 
 @pytest.mark.parametrize("data, message", [
-    ({"num_expert": 4}, "unknown config key 'num_expert'; did you mean 'num_experts'?"),
+    ({"num_expert": 4}, "config: unknown key 'num_expert'; did you mean 'num_experts'?"),
     ({"r": "16"}, "'r' must be an integer, got '16'"),
     ({"r": 0}, "'r' must be >= 1, got 0"),
     ({"lora_dropout": 1.0}, "'lora_dropout' must be < 1"),

@@ -220,7 +220,7 @@ def test_export_command_on_a_saved_model_copies_the_tokenizer(tmp_path, capsys):
     assert "MixtralForCausalLM" in printed and "3 copies of the FFN" in printed and "tokenizer.json" in printed
     argv = ["export", "--model", str(base_dir), "--adapter", str(adapter_dir), str(out)]
     assert cli.main(argv) == 2  # the real command line: one error line, nothing overwritten
-    assert capsys.readouterr().err.strip().endswith("is not empty (--overwrite / overwrite=True replaces its files)")
+    assert capsys.readouterr().err.strip().endswith("is not empty (--overwrite / overwrite=True replaces it)")
     assert cli.main(argv + ["--overwrite"]) == 0
     assert_tokenizer_loads_as_declared(out, base_dir)
     tokenizer = AutoTokenizer.from_pretrained(out)

@@ -158,9 +158,9 @@ def test_peft_lora_adapter_type_trains(setup, tmp_path):
 
 def test_config_errors(tmp_path):
     base = {"model": {"name_or_path": "m"}}
-    with pytest.raises(LoramixError, match="unknown key in train 'learnig_rate'; did you mean 'learning_rate'"):
+    with pytest.raises(LoramixError, match="train: unknown key 'learnig_rate'; did you mean 'learning_rate'"):
         build_run_config({**base, "train": {"learnig_rate": 1}})
-    with pytest.raises(LoramixError, match="unknown section in config 'trian'; did you mean 'train'"):
+    with pytest.raises(LoramixError, match="config: unknown section 'trian'; did you mean 'train'"):
         build_run_config({**base, "trian": {}})
     with pytest.raises(LoramixError, match="train.micro_batch_size: must be an integer"):
         build_run_config({**base, "train": {"micro_batch_size": "big"}})

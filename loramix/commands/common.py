@@ -7,8 +7,10 @@ import logging as std_logging
 import os
 from typing import Any
 
-from ..data import Example, canonical_task_name, load_examples
-from ..errors import LoramixError
+from ..data import TEMPLATE_NAMES, Example, canonical_task_name, load_examples
+from ..errors import LoramixError, Problems
+from ..io.base_model import check_model_files, resolve_device
+from ..loading import check_adapter_folder
 from ..runconfig import QUANTIZATIONS, DatasetSpec, ModelSpec, RunConfig, load_run_config
 from ..training.trainer import ADAPTER_DIR
 
@@ -117,10 +119,42 @@ def dataset_specs(args: argparse.Namespace, cfg: RunConfig | None) -> list[Datas
 
 
 def load_task_examples(args: argparse.Namespace, cfg: RunConfig | None) -> list[Example]:
+    """Every dataset's examples; one LoramixError lists the problems of all of them."""
     examples: list[Example] = []
+    problems = Problems()
     for spec in dataset_specs(args, cfg):
-        examples.extend(load_examples(spec))
+        examples.extend(problems.result(load_examples, spec) or [])
+    problems.raise_if_any()
     return examples
+
+
+def check_template(name: str | None, flag: str = "--template") -> None:
+    if name is not None and name not in TEMPLATE_NAMES:
+        raise LoramixError(f"{flag} {name!r}: unknown template (allowed: {', '.join(TEMPLATE_NAMES)})")
+
+
+def check_at_least(args: argparse.Namespace, names: tuple[str, ...], problems: Problems, minimum: int = 1) -> None:
+    """Integer flags (``--limit`` ...) given as at least ``minimum``."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            problems.add(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
+def preflight(args: argparse.Namespace, problems: Problems) -> RunConfig | None:
+    """Check the config, the model, adapter and device arguments without loading anything, into ``problems``;
+    the run config (None without --config, or when it is invalid: the rest is then not checked)."""
+    cfg = problems.result(run_config, args)
+    if args.config and cfg is None:
+        return None
+    spec = problems.result(model_spec, args, cfg)
+    if spec is not None:
+        problems.check(check_model_files, spec, prefix="model.")
+    adapter = adapter_path(args, cfg)
+    if adapter is not None:
+        problems.check(check_adapter_folder, adapter)
+    problems.check(resolve_device, args.device)
+    return cfg
 
 
 def cutoff_len(args: argparse.Namespace, cfg: RunConfig | None, default: int = 1024) -> int:
@@ -166,11 +200,16 @@ class Scoring:
 
 
 def scoring_setup(args: argparse.Namespace) -> Scoring:
-    """Read the config and data first (fast failures), then load the model."""
+    """Check the flags, the config, the data, the model and adapter paths first (every problem at once), then
+    load the model."""
     from ..data import Encoder
 
-    cfg = run_config(args)
-    examples = load_task_examples(args, cfg)
+    problems = Problems()
+    check_at_least(args, ("limit", "cutoff_len", "batch_size"), problems)
+    problems.check(check_template, args.template)
+    cfg = preflight(args, problems)
+    examples = problems.result(load_task_examples, args, cfg) if cfg is not None or not args.config else None
+    problems.raise_if_any()
     model, tokenizer, adapter = loaded_model(args, cfg)
     return Scoring(cfg, examples, model, Encoder(tokenizer, cutoff_len=cutoff_len(args, cfg)), adapter,
                    eval_batch_size(args, cfg))

@@ -7,7 +7,7 @@ import os
 import tempfile
 
 from ..convert.gguf import OUTTYPES
-from ..errors import LoramixError
+from ..errors import LoramixError, Problems
 from .common import add_quantization_args, quiet_transformers, with_quantization
 
 # The checkpoint dtype each GGUF type is converted from (None: the base's; q8_0 quantises it).
@@ -47,18 +47,36 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Before anything loads: the base model's files, the adapter folder (a valid MixLoRA config and weights),
+    OUT, the shard size and the tokenizer folder; one LoramixError for all."""
+    from ..io.base_model import check_model_files
+    from ..io.model_folder import check_output_dir, parse_size
+    from ..loading import check_adapter_folder
+    from ..runconfig import ModelSpec
+
+    problems = Problems()
+    problems.check(check_model_files, ModelSpec(name_or_path=args.model), prefix="model.")
+    if problems.result(check_adapter_folder, args.adapter) == "lora":
+        problems.add(f"{args.adapter}: a plain LoRA adapter; merge it with PEFT's merge_and_unload")
+    problems.check(check_output_dir, args.output_dir, overwrite=args.overwrite)
+    problems.check(parse_size, args.max_shard_size)
+    if args.tokenizer and not os.path.isdir(args.tokenizer):
+        problems.add(f"--tokenizer {args.tokenizer}: no such folder")
+    problems.raise_if_any()
+
+
 def load_mixlora(args: argparse.Namespace):
     """(MixLoraModel, torch dtype, tokenizer folder or object or None) from --model, --adapter, --dtype, --tokenizer."""
     import torch
     from transformers import AutoConfig
 
     from ..io.base_model import load_base_model, load_tokenizer
-    from ..loading import adapter_kind, attach_adapter
+    from ..loading import attach_adapter
     from ..runconfig import ModelSpec
 
     quiet_transformers()
-    if adapter_kind(args.adapter) != "mixlora":
-        raise LoramixError(f"{args.adapter}: a plain LoRA adapter; merge it with PEFT's merge_and_unload")
+    check_arguments(args)
     dtype = args.dtype
     if dtype is None:  # the base checkpoint's own dtype (GGUF files are dequantised to float32)
         found = "float32"

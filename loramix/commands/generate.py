@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 
-from ..errors import LoramixError
-from .common import add_model_args, loaded_model, run_config
+from ..errors import LoramixError, Problems
+from .common import add_model_args, check_at_least, check_template, loaded_model, preflight
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -35,14 +36,27 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def _check_sampling(args: argparse.Namespace, problems: Problems) -> None:
+    check_at_least(args, ("max_new_tokens",), problems)
+    check_at_least(args, ("top_k",), problems, minimum=0)
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        problems.add(f"--temperature must be a finite number > 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:  # NaN fails too
+        problems.add(f"--top-p must be in (0, 1], got {args.top_p}")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..data import get_template
     from ..evaluation.generation import generate
 
-    prompts = _prompts(args)
-    cfg = run_config(args)
+    problems = Problems()
+    prompts = problems.result(_prompts, args)
+    problems.check(check_template, args.template)
+    _check_sampling(args, problems)
+    cfg = preflight(args, problems)
+    problems.raise_if_any()
     model, tokenizer, _ = loaded_model(args, cfg)
-    get_template(args.template, tokenizer)  # an unknown template fails before generating
+    get_template(args.template, tokenizer)  # the chat template needs the tokenizer's own
     texts = generate(model, tokenizer, prompts, template=args.template, max_new_tokens=args.max_new_tokens,
                      do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                      seed=args.seed)

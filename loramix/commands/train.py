@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from .common import quiet_transformers
 
@@ -16,15 +17,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues this run."""
+    sets = [word for assignment in args.set for word in ("--set", assignment)]
+    return shlex.join(["loramix", "train", args.config, *sets, "--resume"])
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..training.distributed import end_processes
+    from ..data.sources import check_dataset
+    from ..io.base_model import check_model_files
     from ..runconfig import load_run_config
+    from ..training.distributed import end_processes
     from ..training.trainer import train
 
-    cfg = load_run_config(args.config, args.set)
+    # Everything cheap first, every problem at once: the config, the model's files, each dataset's first records.
+    cfg = load_run_config(args.config, args.set, check_model=check_model_files, check_dataset=check_dataset)
     quiet_transformers()
     try:
-        train(cfg, resume=args.resume)
+        train(cfg, resume=args.resume, resume_command=resume_command(args))
     finally:
         end_processes()
     return 0

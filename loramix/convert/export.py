@@ -255,14 +255,13 @@ def export_moe(model, out_dir: str | os.PathLike, *, architecture: str | None = 
     config = moe_config(model, arch, dtype)
     layout = checkpoint_layout(config)
     out_dir = os.path.abspath(os.fspath(out_dir))
-    model_folder.prepare_output_dir(out_dir, overwrite=overwrite)
-    tensors = base_tensors(hf_model, lambda prefix, ffn: moe_block_tensors(prefix, ffn, arch))
-    written = model_folder.write_safetensors(_checked(cast(tensors, dtype), layout, arch, dtype), out_dir,
-                                           max_shard_size=max_shard_size)
-    config.save_pretrained(out_dir)
-    model_folder.write_generation_config(hf_model, out_dir)
-    copied = model_folder.write_tokenizer(
-        tokenizer if tokenizer is not None else getattr(hf_model.config, "_name_or_path", None), out_dir)
+
+    def write(folder: str) -> tuple[model_folder.WrittenWeights, list[str]]:
+        tensors = base_tensors(hf_model, lambda prefix, ffn: moe_block_tensors(prefix, ffn, arch))
+        return model_folder.write_checkpoint(folder, _checked(cast(tensors, dtype), layout, arch, dtype), config,
+                                             hf_model, tokenizer=tokenizer, max_shard_size=max_shard_size)
+    written, copied = model_folder.write_model_folder(out_dir, write, overwrite=overwrite,
+                                                      what=f"the {arch.architecture} checkpoint")
     base_params = base_parameter_count(model)
     return ExportSummary(out_dir, arch.architecture, model.mixlora_config.num_experts, dtype, written.num_params,
                          written.num_bytes, base_params, base_params * model_dtype(hf_model).itemsize,

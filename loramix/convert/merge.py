@@ -113,17 +113,11 @@ def merge_adapter(model, out_dir: str | os.PathLike, *, what: str = "all", dtype
         raise LoramixError("merge: this base's checkpoints store its Conv1D weights as [in, out], which bitsandbytes "
                            "replaced by [out, in] layers; load the base unquantised to merge")
     dtype = dtype or model_dtype(hf_model)
-    model_folder.prepare_output_dir(out_dir, overwrite=overwrite)
-    adapter_path = None
+    model_folder.check_output_dir(out_dir, overwrite=overwrite)  # before the attention merge changes the model
     if what == "attention":
         merge_attention_(model)
         model.mixlora_config.base_model_name_or_path = out_dir
-        adapter_path = os.path.join(out_dir, ADAPTER_SUBDIR)
-        model.save_pretrained(adapter_path)
     expert = None if what == "attention" else 0
-    written = model_folder.write_safetensors(
-        cast(base_tensors(hf_model, lambda prefix, ffn: dense_ffn_tensors(prefix, ffn, expert=expert)), dtype),
-        out_dir, max_shard_size=max_shard_size)
     config = copy.deepcopy(hf_model.config)
     config.dtype = dtype
     vars(config).pop("quantization_config", None)  # the weights are written dequantised
@@ -132,10 +126,16 @@ def merge_adapter(model, out_dir: str | os.PathLike, *, what: str = "all", dtype
     if what == "all":
         _set_activation(config, model.activation_name)
     config.architectures = [type(hf_model).__name__]
-    config.save_pretrained(out_dir)
-    model_folder.write_generation_config(hf_model, out_dir)
-    copied = model_folder.write_tokenizer(
-        tokenizer if tokenizer is not None else getattr(hf_model.config, "_name_or_path", None), out_dir)
+
+    def write(folder: str) -> tuple[model_folder.WrittenWeights, list[str]]:
+        if what == "attention":
+            model.save_pretrained(os.path.join(folder, ADAPTER_SUBDIR))
+        tensors = base_tensors(hf_model, lambda prefix, ffn: dense_ffn_tensors(prefix, ffn, expert=expert))
+        return model_folder.write_checkpoint(folder, cast(tensors, dtype), config, hf_model, tokenizer=tokenizer,
+                                             max_shard_size=max_shard_size)
+    written, copied = model_folder.write_model_folder(out_dir, write, overwrite=overwrite,
+                                                      what="the merged checkpoint")
+    adapter_path = os.path.join(out_dir, ADAPTER_SUBDIR) if what == "attention" else None
     return MergeSummary(out_dir, what, written.num_params, written.num_bytes, adapter_path, tuple(copied))
 
 

@@ -6,9 +6,19 @@ import json
 import os
 from typing import Any
 
-from ..errors import LoramixError
+from ..errors import LoramixError, Problems
 
 Record = dict[str, Any]
+MAX_PROBLEMS_PER_FILE = 5  # record problems reported per file; the rest are counted
+
+
+def raise_problems(problems: Problems, where: str) -> None:
+    """One LoramixError with the first MAX_PROBLEMS_PER_FILE of a file's problems and a count of the rest."""
+    lines = problems.lines[:MAX_PROBLEMS_PER_FILE]
+    if len(problems) > MAX_PROBLEMS_PER_FILE:
+        lines.append(f"{where}: {len(problems) - MAX_PROBLEMS_PER_FILE} more records with problems")
+    if lines:
+        raise LoramixError(*lines)
 
 
 def _check_exists(path: str) -> None:
@@ -21,8 +31,11 @@ def _check_exists(path: str) -> None:
 def read_json_records(path: str) -> list[tuple[str, Record]]:
     """Records of a JSON array file or a JSONL file, each with where it came from ("file:LINE" or "file: record N")."""
     _check_exists(path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise LoramixError(f"{path}: not a UTF-8 text file (byte {e.start}); expected JSON or JSON lines") from None
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)
@@ -30,17 +43,27 @@ def read_json_records(path: str) -> list[tuple[str, Record]]:
             raise LoramixError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
         if not isinstance(data, list):
             raise LoramixError(f"{path}: expected a JSON array of objects or JSON lines")
-        return [(w, _as_record(w, r)) for w, r in ((f"{path}: record {i}", r) for i, r in enumerate(data, 1))]
-    out = []
+        records, problems = [], Problems()
+        for i, rec in enumerate(data, 1):
+            if problems.check(_as_record, f"{path}: record {i}", rec):
+                records.append((f"{path}: record {i}", rec))
+        raise_problems(problems, path)
+        return records
+    out, problems = [], Problems()
     for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LoramixError(f"{path}:{lineno}: malformed JSON line: {e.msg}") from None
-        out.append((f"{path}:{lineno}", _as_record(f"{path}:{lineno}", rec)))
+        if line.strip():
+            rec = problems.result(_json_line, line, f"{path}:{lineno}")
+            if rec is not None:
+                out.append((f"{path}:{lineno}", rec))
+    raise_problems(problems, path)
     return out
+
+
+def _json_line(line: str, where: str) -> Record:
+    try:
+        return _as_record(where, json.loads(line))
+    except json.JSONDecodeError as e:
+        raise LoramixError(f"{where}: malformed JSON line: {e.msg}") from None
 
 
 def _as_record(where: str, rec: Any) -> Record:
@@ -65,9 +88,11 @@ def read_tsv_records(path: str, *, header: bool | None = None) -> tuple[list[str
     width = len(rows[0][1])
     names = [c.strip() for c in rows[0][1]] if header else [str(i) for i in range(width)]
     body = rows[1:] if header else rows
+    problems = Problems()
     for lineno, r in body:
         if len(r) != width:
-            raise LoramixError(f"{path}:{lineno}: expected {width} tab-separated columns, found {len(r)}")
+            problems.add(f"{path}:{lineno}: expected {width} tab-separated columns, found {len(r)}")
+    raise_problems(problems, path)
     return names, body
 
 

@@ -8,7 +8,7 @@ of shape ``[E, r, in]``). Loading is strict: a missing, extra or misshapen tenso
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,6 +28,18 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 FORMATS = ("loramix", "moe-peft")
 
 
+class NonFiniteError(LoramixError):
+    """An adapter or checkpoint tensor holds NaN or Inf."""
+
+
+def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], where: str) -> None:
+    """A NonFiniteError naming the first tensor that holds NaN or Inf (and how many more do)."""
+    bad = [name for name, tensor in tensors if not torch.isfinite(tensor).all()]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise NonFiniteError(f"{where}: tensor {bad[0]!r}{more} holds NaN or Inf values")
+
+
 def save_adapter(model: "MixLoraModel", directory: str, *, format: str,
                  state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write the adapter config and weights into ``directory``; each file is replaced atomically.
@@ -38,6 +50,7 @@ def save_adapter(model: "MixLoraModel", directory: str, *, format: str,
         raise LoramixError(f"unknown adapter format {format!r}; choose one of {', '.join(FORMATS)}")
     if state_dict is not None and format != "loramix":
         raise LoramixError(f"saving from a state_dict writes the loramix format, not {format!r}")
+    check_finite(model.trainable_parameters(), f"{directory}: adapter not saved")
     os.makedirs(directory, exist_ok=True)
     if format == "loramix":
         source = dict(model.trainable_parameters()) if state_dict is None else _adapter_entries(model, state_dict)
@@ -45,12 +58,14 @@ def save_adapter(model: "MixLoraModel", directory: str, *, format: str,
         config = _config_dict(model)
         metadata = {"format": "pt", "model_type": model.config.model_type,
                     "num_hidden_layers": str(len(model.moe_layers()))}
-        atomic_write(os.path.join(directory, SAFETENSORS_NAME), lambda p: save_file(tensors, p, metadata=metadata))
+        atomic_write(os.path.join(directory, SAFETENSORS_NAME), lambda p: save_file(tensors, p, metadata=metadata),
+                     what=f"the adapter weights {SAFETENSORS_NAME}")
     else:
         tensors = moe_peft.state_dict(model)
         config = moe_peft.config_dict(model)
-        atomic_write(os.path.join(directory, moe_peft.WEIGHTS_NAME), lambda p: torch.save(tensors, p))
-    atomic_write(os.path.join(directory, CONFIG_NAME), lambda p: write_json(config, p))
+        atomic_write(os.path.join(directory, moe_peft.WEIGHTS_NAME), lambda p: torch.save(tensors, p),
+                     what=f"the adapter weights {moe_peft.WEIGHTS_NAME}")
+    atomic_write(os.path.join(directory, CONFIG_NAME), lambda p: write_json(config, p), what=CONFIG_NAME)
 
 
 def _config_dict(model: "MixLoraModel") -> dict:
@@ -159,6 +174,7 @@ def _copy_into(model: "MixLoraModel", tensors: dict[str, torch.Tensor], source: 
     for key in tensors:
         if key not in params:
             raise LoramixError(f"{source}: unexpected key {key!r} (not part of this model's adapter)")
+    check_finite(((key, tensors[key]) for key in params), source)
     with torch.no_grad():
         for key, param in params.items():
             param.copy_(tensors[key])

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from packaging.version import Version
 
-from ..errors import LoramixError
+from ..errors import LoramixError, Problems
 from ..runconfig import ModelSpec, check_quantization
 
 BITSANDBYTES_MIN_VERSION = "0.50"  # the version the tests run (its 4-bit and 8-bit layers work on CPU tensors)
@@ -31,6 +31,23 @@ def _source(path: str, gguf_file: str | None) -> tuple[str, dict[str, Any]]:
     if _looks_local(path) and not os.path.exists(path):
         raise LoramixError(f"{path}: no such model folder")
     return path, ({"gguf_file": gguf_file} if gguf_file else {})
+
+
+def check_model_files(spec: ModelSpec) -> None:
+    """Before anything loads: the local model folder or .gguf file and tokenizer folder that ``spec`` names exist
+    (hub ids are not looked up); one LoramixError for all."""
+    problems = Problems()
+    where = problems.result(_source, spec.name_or_path, spec.gguf_file, prefix="name_or_path: ")
+    if where is not None:
+        folder, kwargs = where
+        gguf = kwargs.get("gguf_file")
+        if os.path.isdir(folder) and gguf and not os.path.isfile(os.path.join(folder, gguf)):
+            problems.add(f"gguf_file: {os.path.join(folder, gguf)}: no such .gguf file")
+        elif os.path.isdir(folder) and not gguf and not os.path.isfile(os.path.join(folder, "config.json")):
+            problems.add(f"name_or_path: {folder}: not a model folder (no config.json; a .gguf model needs gguf_file)")
+    if spec.tokenizer:
+        problems.check(_source, spec.tokenizer, None, prefix="tokenizer: ")
+    problems.raise_if_any()
 
 
 def load_tokenizer(spec: ModelSpec) -> Any:

@@ -25,6 +25,7 @@ import yaml
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..errors import LoramixError
+from .adapter_folder import check_finite
 from .atomic import atomic_dir
 
 STATE_NAME = "trainer_state.pt"
@@ -133,6 +134,7 @@ def whole_optimizer_state(optimizer: Any, *, keep: bool = True) -> dict[str, Any
 def save_checkpoint(path: str, model: Any, *, optimizer: Any, scheduler: Any, step: int, run_config: dict[str, Any],
                     extra: dict[str, Any], write: bool = True) -> None:
     """Write ``checkpoint-<step>`` atomically: the adapter, ``trainer_state.pt`` and ``run_config.yaml``.
+    Refused (nothing written) when an adapter tensor is not finite.
 
     Under FSDP every process calls it (the shards are gathered) and the one with ``write`` writes."""
     optimizer_state = whole_optimizer_state(optimizer, keep=write)
@@ -146,7 +148,8 @@ def save_checkpoint(path: str, model: Any, *, optimizer: Any, scheduler: Any, st
             yaml.safe_dump(run_config, f, sort_keys=False)
     with whole_parameters(model, keep=write):
         if write:
-            atomic_dir(path, write_files)
+            check_finite(_trainable(model).items(), f"{path} not written")
+            atomic_dir(path, write_files, what=os.path.basename(path))
 
 
 def _shard_optimizer_state(state: dict[str, Any], optimizer: Any) -> dict[str, Any]:
@@ -159,13 +162,14 @@ def _shard_optimizer_state(state: dict[str, Any], optimizer: Any) -> dict[str, A
                                for i, tensors in state["state"].items()}}
 
 
-def restore_checkpoint(path: str, model: Any, optimizer: Any, scheduler: Any) -> int:
+def restore_checkpoint(path: str, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
     """Load a checkpoint's trainable tensors, optimizer, scheduler and RNG state into this process's model
-    and optimizer (its shards of them under FSDP); returns its step."""
+    and optimizer (its shards of them under FSDP); returns its whole state (``step``, ...)."""
     state = load_state(path)
     params = _trainable(model)
     if set(params) != set(state["params"]):
         raise LoramixError(f"{path}: checkpoint does not match this adapter config (different parameters)")
+    check_finite(state["params"].items(), path)
     with torch.no_grad():
         for name, value in state["params"].items():
             if params[name].shape != value.shape:
@@ -175,4 +179,4 @@ def restore_checkpoint(path: str, model: Any, optimizer: Any, scheduler: Any) ->
     optimizer.load_state_dict(_shard_optimizer_state(state["optimizer"], optimizer))
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
-    return int(state["step"])
+    return state

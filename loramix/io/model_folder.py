@@ -1,7 +1,8 @@
 """Write a standard Hugging Face checkpoint folder: sharded safetensors, its index, tokenizer, generation config.
 
 Tensors arrive as a stream of ``(name, tensor)`` pairs and are written shard by shard, so an export
-never holds more than one shard of new weights in memory.
+never holds more than one shard of new weights in memory. The folder is written beside its final name and
+renamed into place (write_model_folder), under the folder's lock.
 """
 
 from __future__ import annotations
@@ -10,13 +11,18 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from safetensors.torch import save_file
 
 from ..errors import LoramixError
+from .atomic import DiskFullError, atomic_dir, remove_leftovers
+from .lock import FolderLock
+
+T = TypeVar("T")
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -60,16 +66,28 @@ def format_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def prepare_output_dir(directory: str, *, overwrite: bool) -> None:
-    """Create ``directory``; refuse a non-empty one unless ``overwrite``."""
+def check_output_dir(directory: str, *, overwrite: bool) -> None:
+    """Refuse a file, or a non-empty folder unless ``overwrite``."""
     if os.path.isfile(directory):
         raise LoramixError(f"output path {directory} is a file, expected a folder")
     if os.path.isdir(directory) and os.listdir(directory) and not overwrite:
-        raise LoramixError(f"output folder {directory} is not empty (--overwrite / overwrite=True replaces its files)")
-    os.makedirs(directory, exist_ok=True)
-    for name in os.listdir(directory):  # stale shards of an earlier write would confuse loaders
-        if name == INDEX_NAME or re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", name):
-            os.remove(os.path.join(directory, name))
+        raise LoramixError(f"output folder {directory} is not empty (--overwrite / overwrite=True replaces it)")
+
+
+def write_model_folder(directory: str, write: Callable[[str], T], *, overwrite: bool, what: str) -> T:
+    """Write a checkpoint folder whole or not at all, as one run at a time: hold ``directory``'s lock, call
+    ``write(tmp)`` on a temporary folder beside it and rename that into place (replacing the old folder, with
+    ``overwrite``). Returns what ``write`` returned; a full disk leaves ``directory`` as it was."""
+    directory = os.path.abspath(directory)
+    check_output_dir(directory, overwrite=overwrite)
+    existed = os.path.isdir(directory)
+    with FolderLock(directory, what=what):
+        remove_leftovers(directory)  # a killed earlier write's temporary folders
+        try:
+            return atomic_dir(directory, write, what=what)
+        except DiskFullError as e:
+            raise e.with_detail(f"{directory} is unchanged" if existed else f"nothing was written to {directory}") \
+                from None
 
 
 def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], directory: str, *,
@@ -124,6 +142,17 @@ def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], directory: st
         json.dump({"metadata": {"total_size": num_bytes}, "weight_map": weight_map}, fh, indent=2)
         fh.write("\n")
     return WrittenWeights(num_params, num_bytes, tuple(files))
+
+
+def write_checkpoint(directory: str, tensors: Iterable[tuple[str, torch.Tensor]], config, hf_model, *,
+                     tokenizer, max_shard_size: int | str) -> tuple[WrittenWeights, list[str]]:
+    """A whole checkpoint into ``directory``: the weights, ``config``, ``hf_model``'s generation config and the
+    tokenizer (``tokenizer``, else the files of the base model's folder). Returns the weights and tokenizer files."""
+    written = write_safetensors(tensors, directory, max_shard_size=max_shard_size)
+    config.save_pretrained(directory)
+    write_generation_config(hf_model, directory)
+    source = tokenizer if tokenizer is not None else getattr(hf_model.config, "_name_or_path", None)
+    return written, write_tokenizer(source, directory)
 
 
 def write_tokenizer(source, directory: str) -> list[str]:

@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import os
-from collections.abc import Iterator
-from typing import Any
+import re
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -44,12 +46,16 @@ from ..errors import LoramixError
 from ..io import checkpoint as ckpt
 from ..nn.routing import RoutingRecord
 
+T = TypeVar("T")
 
-def make_accelerator(precision: str) -> Any:
-    """This process's Accelerator. Several processes on a machine without a GPU train on CPU with gloo.
+
+def make_accelerator(precision: str, collective_timeout_s: float | None = None) -> Any:
+    """This process's Accelerator. Several processes on a machine without a GPU train on CPU with gloo; a
+    collective that waits longer than ``collective_timeout_s`` for a process fails instead of hanging.
     Accelerate's own FSDP is refused (it needs a GPU, and loramix shards with ``train.fsdp`` instead)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import InitProcessGroupKwargs
 
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # accelerate launch, FSDP config
         raise LoramixError("the Accelerate config asks for FSDP (distributed_type: FSDP), which loramix does not "
@@ -59,7 +65,24 @@ def make_accelerator(precision: str) -> Any:
     if not several:
         AcceleratorState._reset_state(True)  # one process may train several times with different precisions
     cpu = several and not torch.accelerator.is_available()
-    return Accelerator(cpu=cpu, mixed_precision="bf16" if precision == "bf16" else "no")
+    handlers = [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=collective_timeout_s))] \
+        if collective_timeout_s else []
+    return Accelerator(cpu=cpu, mixed_precision="bf16" if precision == "bf16" else "no", kwargs_handlers=handlers)
+
+
+# What gloo and NCCL say when another process died or stopped answering.
+_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "NCCL", "gloo")
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc``, raised in a multi-process run, is a collective that lost another process."""
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and any(p in str(exc) for p in _LOST_PEER))
+
+
+def first_sentence(exc: BaseException) -> str:
+    """The gist of a communication library's error: its first sentence, without the source location."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    return text.split(". ")[0].rstrip(".")
 
 
 def predicted_tokens(feature: dict[str, list[int]]) -> int:
@@ -175,6 +198,32 @@ class DataParallel:
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
+
+    def on_main(self, work: Callable[[], T]) -> T | None:
+        """``work()`` on process 0 only (None elsewhere); a LoramixError it raises is raised on every process
+        (collective: call on all)."""
+        error, result = None, None
+        if self.is_main:
+            try:
+                result = work()
+            except LoramixError as e:
+                error = e
+        if self.world > 1:
+            message = [None if error is None else str(error)]
+            dist.broadcast_object_list(message, src=0)
+            if message[0] is not None and error is None:
+                error = LoramixError(message[0])
+        if error is not None:
+            raise error
+        return result
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any process (collective when there are several)."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor(int(flag), device=self.accelerator.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value)
 
     def seed_processes(self, seed: int) -> None:
         """After the (identical) adapter init: give each process its own dropout/jitter stream."""

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import MixLoraConfig, reject_unknown
-from ..errors import LoramixError
+from ..config import LORA_FIELD_CHECKS, MixLoraConfig, reject_unknown
+from ..errors import Problems
 from ..families import decoder_layers, family_for, projection_shape, resolve_targets
 from ..model import get_mixlora_model
 
@@ -43,22 +43,47 @@ class MethodSpec:
 
 
 def method_spec(adapter: dict[str, Any], *, source: str = "adapter") -> MethodSpec:
-    """Split an adapter mapping into ``method``, ``lora_r`` and the MixLoraConfig (errors name the key)."""
+    """Split an adapter mapping into ``method``, ``lora_r`` and the MixLoraConfig; one LoramixError names
+    every bad key."""
     keys = dict(adapter)
+    problems = Problems()
     method = keys.pop("method", None)
-    if method is not None and method not in METHODS:
-        reject_unknown(method, METHODS, f"{source}.method")
+    if method is not None and not (isinstance(method, str) and method in METHODS):
+        problems.check(reject_unknown, str(method), METHODS, f"{source}.method")
+        method = None
     lora_r = keys.pop("lora_r", None)
     if lora_r is not None and lora_r != "match" and (isinstance(lora_r, bool) or not isinstance(lora_r, int)
                                                      or lora_r < 1):
-        raise LoramixError(f"{source}.lora_r must be a positive integer or 'match', got {lora_r!r}")
-    config = MixLoraConfig.from_dict(keys, source=source)
+        problems.add(f"{source}.lora_r must be a positive integer or 'match', got {lora_r!r}")
+    config = problems.result(MixLoraConfig.from_dict, keys, source=source)
+    if config is not None and method is not None and "use_dora" in keys \
+            and config.use_dora != (method in ("dora", "mixdora")):
+        problems.add(f"{source}.use_dora {str(config.use_dora).lower()} contradicts method {method!r} "
+                     "(the method decides DoRA; drop use_dora)")
+    problems.raise_if_any()
     if method is None:
         method = "mixdora" if config.use_dora else "mixlora"
-    elif "use_dora" in keys and config.use_dora != (method in ("dora", "mixdora")):
-        raise LoramixError(f"{source}.use_dora {str(config.use_dora).lower()} contradicts method {method!r} "
-                           "(the method decides DoRA; drop use_dora)")
     return MethodSpec(method, config, lora_r)
+
+
+def check_peft_lora(keys: dict[str, Any], *, source: str = "adapter") -> None:
+    """A ``type: lora`` adapter mapping: PEFT LoraConfig's keys (others get a did-you-mean), the LoRA settings it
+    shares with MixLoRA checked as MixLoraConfig checks them, then LoraConfig's own checks; one LoramixError."""
+    from peft import LoraConfig
+
+    problems = Problems()
+    fields = [f.name for f in dataclasses.fields(LoraConfig) if f.init and f.name != "task_type"]
+    known = {key: value for key, value in keys.items()
+             if problems.check(reject_unknown, key, fields, "key", prefix=f"{source}: ")}
+    for key in ("r", "lora_alpha", "lora_dropout", "use_dora", "use_rslora"):
+        if key in known:
+            problems.check(LORA_FIELD_CHECKS[key], key, known[key], prefix=f"{source}: ")
+    if not problems:
+        try:
+            LoraConfig(task_type="CAUSAL_LM", **known)
+        except (TypeError, ValueError) as e:
+            problems.add(f"{source} (PEFT LoraConfig): {str(e).strip().splitlines()[0]}")
+    problems.raise_if_any()
 
 
 def build_model(base: nn.Module, spec: MethodSpec) -> nn.Module:
