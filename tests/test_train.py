@@ -164,8 +164,8 @@ def test_config_errors(tmp_path):
         build_run_config({**base, "trian": {}})
     with pytest.raises(LoramixError, match="train.micro_batch_size: must be an integer"):
         build_run_config({**base, "train": {"micro_batch_size": "big"}})
-    with pytest.raises(LoramixError, match="train.moe_dispatch must be one of 'auto', 'grouped', 'grouped_mm', 'dense', "
-                                           "'per_expert', got 'sorted'"):
+    with pytest.raises(LoramixError, match="train.moe_dispatch: must be one of auto, grouped, grouped_mm, dense, "
+                                           "per_expert, found 'sorted'"):
         build_run_config({**base, "train": {"moe_dispatch": "sorted"}})
     with pytest.raises(LoramixError, match="model.name_or_path is required"):
         build_run_config({"train": {}})
