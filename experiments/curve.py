@@ -23,6 +23,7 @@ from experiments.stats import boot_acc, boot_diff, interval, item_draws, mean_ac
 NAMES = {"lora": "LoRA", "dora": "DoRA", "mixlora": "MixLoRA", "mixdora": "MixDoRA"}
 PAIRS = (("mixlora", "lora"), ("mixdora", "dora"), ("dora", "lora"), ("mixdora", "mixlora"))
 REPS = 2000
+SESSION_HOURS = 4  # the session length the plan's example splits the work into
 GROUP_TEXT = {"curve-core": "the base model, LoRA and MixLoRA at every length",
               "curve-seeds": f"LoRA and MixLoRA at the longest length, seeds {', '.join(map(str, CURVE_SEEDS))}",
               "curve-dora": "DoRA and MixDoRA at every length",
@@ -579,6 +580,12 @@ def plan(res: dict[str, dict], probes: dict[str, dict], jobs: int = 2) -> list[s
                      + f" | {done} |")
     if unknown:
         lines += ["", f"No probe for {', '.join(unknown)}: their hours are left out above."]
+    low, high = (max(lane) / 3600 for lane in lanes.values())
+    if high > 0:
+        sessions = sorted({math.ceil(low / SESSION_HOURS), math.ceil(high / SESSION_HOURS)})
+        lines += ["", f"All of it: {low:.1f}–{high:.1f} wall hours of {jobs} free cores, e.g. "
+                  f"{'–'.join(map(str, sessions))} sessions of {SESSION_HOURS} hours (the last column says in which "
+                  "one each group is done)."]
     every = _save_steps()
     per_ckpt = ", ".join(f"{NAMES[m]} {every * c['step'] / 60:.0f}" for m, c in costs.items())
     lines += ["", f"Every unit keeps a checkpoint every {every} steps (minutes of a free core: {per_ckpt}), so a "

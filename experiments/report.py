@@ -221,7 +221,8 @@ def _curve_commands(res: dict[str, dict], probes: dict[str, dict]) -> list[str]:
             "```", "python -m experiments.run prepare",
             *[f"python -m experiments.run run --jobs 2 --threads 1 --only {group}" for group in CURVE_GROUPS],
             "python -m experiments.run report",
-            "python -m experiments.run run --only 'curve_*/*' --scale 0.02 --results /tmp/smoke   # a smoke run first",
+            "python -m experiments.run run --only 'curve_84/*lora' --scale 0.1 --results /tmp/smoke   # smoke run: "
+            "9 steps, full scoring",
             "```", "", *curve.plan(res, probes), ""]
 
 
