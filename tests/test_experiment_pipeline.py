@@ -1,10 +1,12 @@
-"""The experiment pipeline of experiments/ (issue 7) end to end at toy scale: the real data splits, the
-multi-task config trained with every method on the real stories260K model (a byte tokenizer built in code,
-two steps), the result JSONs, skipping and resuming units, and the assembled report."""
+"""The experiment pipeline of experiments/ (issues 7 and 18) end to end at toy scale: the real data splits, the
+multi-task config trained with every method and the learning curve (three lengths, a second seed run as
+parallel processes, a cost probe) on the real stories260K model (a byte tokenizer built in code, a few steps),
+the result JSONs, skipping and resuming units, and the assembled report with its curve sections."""
 from __future__ import annotations
 
 import json
 import os
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -12,20 +14,33 @@ import pytest
 import torch
 from helpers_cli import SHARED, STORIES, adapter_tensors, byte_tokenizer, shared_or_skip
 
-from experiments import report
+from experiments import curve, report, stats
 from experiments.data import prepare
-from experiments.run import METHODS, main, read_log, select
+from experiments.run import (CURVE, METHODS, Runner, Unit, main, read_log, schedule_overrides, select, setting_tasks,
+                             unit_lock)
 
 TASKS = ("arc-e", "arc-c", "boolq", "obqa", "sst2", "agnews", "trec")
+CURVE_TASKS = ("sst2", "agnews", "trec", "subj", "cr", "mpqa")
 TEST, VAL, STEPS, BATCH = 6, 4, 2, 2
+SCALE = "0.02"  # the curve's 84 / 280 / 840 steps become 2 / 6 / 17 (8 examples each, as configured)
+CURVE_STEPS = {"curve_84": 2, "curve_280": 6, "curve_840": 17}
+
+
+def _sets(root: Path, **extra) -> list[str]:
+    sets = {"model.name_or_path": STORIES, "model.tokenizer": root / "tok", "train.save_steps": 0,
+            "data.cutoff_len": 128, "train.eval_batch_size": 8, **extra}
+    return [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
 
 
 def _run_args(root: Path) -> list[str]:
-    sets = {"model.name_or_path": STORIES, "model.tokenizer": root / "tok", "train.max_steps": STEPS,
-            "train.micro_batch_size": BATCH, "train.gradient_accumulation_steps": 1, "train.save_steps": 0,
-            "data.cutoff_len": 128, "train.eval_batch_size": 8}
     return ["run", "--only", "base", "--only", "multitask/*", "--router-examples", "3", "--threads", "1",
-            *[x for k, v in sets.items() for x in ("--set", f"{k}={v}")]]
+            *_sets(root, **{"train.max_steps": STEPS, "train.micro_batch_size": BATCH,
+                            "train.gradient_accumulation_steps": 1})]
+
+
+def _curve_args(root: Path, *only: str, jobs: int = 1) -> list[str]:
+    return ["run", *[x for o in only for x in ("--only", o)], "--scale", SCALE, "--router-examples", "3",
+            "--threads", "1", "--jobs", str(jobs), *_sets(root)]
 
 
 def _run_in(root: Path, *commands: list[str]) -> None:
@@ -48,7 +63,11 @@ def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("experiment")
     byte_tokenizer().save_pretrained(root / "tok")
     sizes = prepare(root / "experiments" / "data", val_size=VAL, test_size=TEST, train_size=24)
-    _run_in(root, _run_args(root), ["report", "--doc", str(root / "docs" / "results.md")])
+    _run_in(root, _run_args(root), _curve_args(root, "curve-core"),
+            _curve_args(root, "curve_840/*lora+seed43", jobs=2),  # two processes at once
+            ["probe", "--only", "curve_840/lora", "--only", "curve_840/mixlora", "--steps", "2", "--eval-items", "2",
+             "--scale", SCALE, "--threads", "1", *_sets(root)],
+            ["report", "--doc", str(root / "docs" / "results.md")])
     return root, sizes
 
 
@@ -58,8 +77,8 @@ def _record(root: Path, unit: str) -> dict:
 
 def test_prepared_splits_are_disjoint_and_sized(pipeline):
     root, sizes = pipeline
-    assert set(sizes) == set(TASKS)
-    for task in TASKS:
+    assert set(sizes) == {*TASKS, *CURVE_TASKS}
+    for task in sizes:
         split = {s: (root / "experiments" / "data" / task / f"{s}.jsonl").read_text().splitlines() for s in sizes[task]}
         assert [len(split[s]) for s in ("train", "val", "test")] == [24, VAL, TEST]
         assert not set(split["val"]) & set(split["train"])  # validation is held out of the training pool
@@ -138,7 +157,7 @@ def test_report_shows_results_and_the_units_not_yet_run(pipeline):
     cells = [f"{100 * mix['eval']['test'][t]['label_acc']:.1f}" for t in TASKS]
     assert f"| mixlora | 16 | {mix['params']['trainable']:,} |" in doc and " | ".join(cells) in doc
     assert doc.count("| lora | not yet run |") == 3  # the two single-task settings and the GPU one
-    assert "python -m experiments.run run --only multitask_10x/mixlora" in doc  # listed under the GPU units
+    assert "python -m experiments.run run --only 'multitask_10x/*'" in doc  # the GPU units: one command
     for png in ("loss_curves.png", "router_multitask_mixlora.png", "router_multitask_mixdora.png"):
         assert (root / "experiments" / "results" / "figures" / png).is_file()
         assert f"experiments/results/figures/{png})" in doc
@@ -193,3 +212,134 @@ def test_unit_selection():
     assert [u.name for u in select(["multitask_10x/mixlora"])] == ["multitask_10x/mixlora"]
     with pytest.raises(SystemExit, match="no unit matches"):
         select(["multitask/qlora"])
+
+
+# ---- the learning curve (issue 18) ----------------------------------------------------------------------------
+def test_curve_units_run_at_their_lengths_with_the_data_scaled_alike(pipeline):
+    root, _ = pipeline
+    for setting, steps in CURVE_STEPS.items():
+        per_task = None
+        for method in ("lora", "mixlora"):
+            r = _record(root, f"{setting}/{method}")
+            cfg = r["resolved_config"]
+            assert r["train"]["steps"] == cfg["train"]["max_steps"] == steps
+            assert r["train"]["examples"] <= 8 * steps  # the config's 8 a step (fewer: byte prompts over the cutoff)
+            (samples,) = {d["samples"] for d in cfg["data"]["datasets"]}  # every task alike
+            assert per_task in (None, samples)  # and both methods
+            per_task = samples
+            assert 6 * samples >= 8 * steps  # one pass: no example repeats
+            assert cfg["train"]["warmup_ratio"] == 0.06 and cfg["data"]["cutoff_len"] <= 128
+            assert set(r["eval"]["test"]) == set(CURVE_TASKS) == set(r["eval"]["val"])
+            c = r["cost"]
+            assert c["train_s"] == r["train"]["wall_s"] > 0 and c["s_per_step"] > 0 and c["threads"] == 1
+            assert 0 < c["score_s"] <= c["session_s"] and c["cpu_s"] > 0
+    assert set(_record(root, "curve/none")["eval"]["test"]) == set(CURVE_TASKS)
+
+
+def test_a_seed_repeat_runs_in_its_own_process_with_its_own_seed(pipeline):
+    root, _ = pipeline
+    runs = root / "experiments" / "runs" / "curve_840"
+    for method in ("lora", "mixlora"):
+        first, repeat = _record(root, f"curve_840/{method}"), _record(root, f"curve_840/{method}+seed43")
+        assert (first["resolved_config"]["train"]["seed"], repeat["resolved_config"]["train"]["seed"]) == (42, 43)
+        assert repeat["train"]["steps"] == first["train"]["steps"]
+        assert repeat["train"]["loss"] != first["train"]["loss"]  # other data order and initialisation
+        assert repeat["machine"]["threads"] == 1
+        assert f"wrote experiments/results/curve_840/{method}+seed43.json" in (runs / f"{method}+seed43.log").read_text()
+
+
+def test_report_has_the_curve_sections_and_the_plan(pipeline):
+    root, _ = pipeline
+    doc = (root / "docs" / "results.md").read_text()
+    assert "**Learning curve: 9 of 21 units have run**" in doc
+    for png in ("curve_accuracy.png", "curve_tasks.png", "curve_router.png"):
+        assert (root / "experiments" / "results" / "figures" / png).is_file() and f"figures/{png})" in doc
+    verdict = next(line for line in doc.splitlines() if line.startswith("**MixLoRA − LoRA**"))
+    assert any(f"The gap **{w}**" in verdict for w in ("closes", "holds", "widens", "reverses")) or "No clear gap" in verdict
+    for steps in CURVE_STEPS.values():
+        assert f"at {steps} steps" in verdict
+    assert "**DoRA − LoRA**: not yet run." in doc
+    assert "Seed noise at 17 steps (2 seeds)" in doc
+    mix = _record(root, "curve_84/mixlora")
+    assert f"| mixlora | {100 * stats.mean_acc(mix, list(CURVE_TASKS)):.1f} [" in doc  # the accuracy table
+    assert "| dora | not yet run | not yet run | not yet run |" in doc
+    assert "| mixlora | 17 |" in doc  # the router table at the longest length
+    assert "| curve_840/mixlora+seed43 | 17 |" in doc  # the cost table
+    assert "| curve_84 | sst2 | agnews | trec | subj | cr | mpqa |" in doc  # answer-collapse check per length
+    assert "| curve_840/mixlora | " in doc.split("### The learning curve")[1]  # the probe's row in the plan
+    assert "| `curve-dora`: DoRA and MixDoRA at every length | 6 |" in doc
+
+
+def _gap_records(gaps: list[float], n: int = 1000) -> dict[str, dict]:
+    """Records of a and b on one task at CURVE's lengths (10, 100, 1000 steps), b right on the first half of
+    the items and a differing from it on ``round(|gap| x n / 100)`` items, so acc(a) - acc(b) = gap points."""
+    def record(setting, method, right, steps):
+        return {"unit": f"{setting}/{method}", "setting": setting, "method": method, "train": {"steps": steps},
+                "resolved_config": {"train": {"seed": 42}},
+                "eval": {"test": {"t": {"label_correct": "".join("01"[x] for x in right), "label_acc": float(np.mean(right))}}}}
+    res = {}
+    for (setting, steps), gap in zip(zip(CURVE, (10, 100, 1000)), gaps):
+        b = np.arange(n) < n // 2
+        a = b.copy()
+        k = round(abs(gap) * n / 100)
+        if gap < 0:
+            a[:k] = False  # a misses some items b gets
+        else:
+            a[n // 2:n // 2 + k] = True  # a gets some items b misses
+        res[f"{setting}/mixlora"] = record(setting, "mixlora", a.astype(int), steps)
+        res[f"{setting}/lora"] = record(setting, "lora", b.astype(int), steps)
+    return res
+
+
+@pytest.mark.parametrize("gaps, verdict", [([-6, -4, -2], "closes"), ([-4, -4, -4], "holds"), ([-2, -4, -6], "widens"),
+                                           ([-4, 0, 4], "reverses"), ([0, 2, 4], "opens")])
+def test_trend_verdicts_follow_the_data(gaps, verdict):
+    res = _gap_records(gaps)
+    c = curve.curve_records(res)
+    points = curve.gap_curve(c, "mixlora", "lora", ["t"], stats.item_draws(res["curve_84/lora"], ["t"]))
+    assert [round(p.value, 6) for p in points] == gaps
+    assert all(p.lo <= p.value <= p.hi for p in points)
+    trend = curve.fit_trend(points)
+    assert trend.verdict == verdict
+    assert trend.slope == pytest.approx((gaps[2] - gaps[0]) / 2)  # points per tenfold steps
+    text = curve.trend_text("mixlora", "lora", trend, no_repeat_steps=5000, tasks=["t"])
+    assert f"**{verdict}**" in text or verdict == "opens" and "pulls ahead" in text
+    if verdict == "closes":  # -6, -4, -2 at 10, 100, 1000 steps: the line reaches zero at 10,000
+        assert trend.crossover == pytest.approx(1e4) and trend.cross_lo < 1e4 < trend.cross_hi
+        assert "about 10,000 steps" in text and "extrapolated 10.0x past the longest run" in text
+        assert "past 5,000 steps the smallest training pool runs out" in text and "Trust in that figure: little" in text
+    else:
+        assert trend.crossover is None
+
+
+def test_schedule_overrides_scale_steps_and_examples_together():
+    def sets(setting, method="lora", seed=None, scale=Fraction(1)):
+        unit = Unit(setting, method, seed=seed)
+        return schedule_overrides(unit, str(unit.config), [], scale)
+
+    assert sets("curve_840") == [] and sets("curve_840", seed=43) == ["train.seed=43"]
+    assert sets("curve_280") == ["train.max_steps=280", *[f"data.datasets.{i}.samples=374" for i in range(6)]]
+    assert sets("curve_84")[0] == "train.max_steps=84" and sets("curve_84")[1].endswith("=112")
+    assert sets("multitask", scale=Fraction(1, 2)) == ["train.max_steps=42", "train.warmup_steps=3",
+                                                       *[f"data.datasets.{i}.samples=48" for i in range(7)]]
+    assert sets("curve", "none", scale=Fraction(1, 2)) == []  # the base model trains nothing
+    assert setting_tasks("curve_84") == list(CURVE_TASKS) and set(CURVE) == set(CURVE_STEPS)
+
+
+def test_a_unit_held_by_another_process_is_skipped(tmp_path):
+    runner = Runner(results=tmp_path / "results", runs=tmp_path / "runs", echo=lambda s: None)
+    unit = Unit("curve", "none")
+    with unit_lock(tmp_path / "runs" / "curve" / ".none.lock") as held:
+        assert held
+        with unit_lock(tmp_path / "runs" / "curve" / ".none.lock") as again:
+            assert not again
+        assert runner.run(unit) is None  # before loading anything
+    assert not unit.result_path(runner.results).exists()
+
+
+def test_curve_groups_and_patterns_select_units():
+    assert [u.name for u in select(["curve-core"])] == ["curve/none", *[f"curve_{s}/lora" for s in (84, 280, 840)],
+                                                        *[f"curve_{s}/mixlora" for s in (84, 280, 840)]]
+    assert [u.name for u in select(["curve-seeds"])] == ["curve_840/lora+seed43", "curve_840/lora+seed44",
+                                                         "curve_840/mixlora+seed43", "curve_840/mixlora+seed44"]
+    assert len(select(["curve_840"])) == 12 and len(select(list(curve.GROUP_TEXT))) == 21
