@@ -365,7 +365,7 @@ class Runner:
         if out.exists():
             self.echo(f"[{unit.name}] done already: {out}")
             return out
-        lock = unit.output_dir(self.runs).with_name(f".{unit.output_dir(self.runs).name}.lock")
+        lock = unit.output_dir(self.runs).with_name(f".{unit.output_dir(self.runs).name}.unit.lock")  # not the run's own lock
         with unit_lock(lock) as held:
             if not held:
                 self.echo(f"[{unit.name}] another process is running it (lock {lock}); skipped")

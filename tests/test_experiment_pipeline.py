@@ -329,9 +329,9 @@ def test_schedule_overrides_scale_steps_and_examples_together():
 def test_a_unit_held_by_another_process_is_skipped(tmp_path):
     runner = Runner(results=tmp_path / "results", runs=tmp_path / "runs", echo=lambda s: None)
     unit = Unit("curve", "none")
-    with unit_lock(tmp_path / "runs" / "curve" / ".none.lock") as held:
+    with unit_lock(tmp_path / "runs" / "curve" / ".none.unit.lock") as held:
         assert held
-        with unit_lock(tmp_path / "runs" / "curve" / ".none.lock") as again:
+        with unit_lock(tmp_path / "runs" / "curve" / ".none.unit.lock") as again:
             assert not again
         assert runner.run(unit) is None  # before loading anything
     assert not unit.result_path(runner.results).exists()
