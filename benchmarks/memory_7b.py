@@ -1,12 +1,12 @@
 """Training memory at LLaMA-2-7B widths (hidden 4096, FFN 11008, 32 heads), bf16, per variant, on any device.
 
     python benchmarks/memory_7b.py saved [--output FILE]   # bytes autograd keeps per token and decoder layer
-    python benchmarks/memory_7b.py peak  [--output FILE]   # peak training-step memory, 2 layers, 4 x 512 tokens
+    python benchmarks/memory_7b.py peak  [--layers 4] [--output FILE]   # peak training-step memory at 4 x 512
 
 ``saved`` counts the storages a saved-tensor hook sees (``loramix.tools.bench.saved_bytes``) in a one- and a
 two-layer model on 16 tokens: the difference is one layer, exact and independent of the token count.
-``peak`` is the allocator-level peak of one training step (``peak_step_bytes``) of a two-layer model at the
-batch of the GPU table. Both run on CPU in minutes; neither needs a GPU.
+``peak`` is the allocator-level peak of one training step (``peak_step_bytes``) of a ``--layers`` model (4,
+as the presets) at the batch of the GPU table. Both run on CPU in minutes; neither needs a GPU.
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def saved_per_token_and_layer(device: str) -> dict[str, float]:
     return out
 
 
-def peak_step(device: str) -> dict[str, dict[str, float]]:
-    shape = BenchShape(**WIDTHS, vocab=32000, layers=2, batch=4, seq=512)
+def peak_step(device: str, layers: int) -> dict[str, dict[str, float]]:
+    shape = BenchShape(**WIDTHS, vocab=32000, layers=layers, batch=4, seq=512)
     batch = make_batch(shape, device=device)
     out = {}
     for name in VARIANTS[:3]:  # dense's 4-5x activations are known from `saved`
@@ -63,11 +63,13 @@ def main() -> None:
     parser.add_argument("what", choices=("saved", "peak"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers of the peak run (default 4)")
     parser.add_argument("--output")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = {"what": args.what, "widths": WIDTHS, "dtype": "bfloat16", "device": args.device, "torch": torch.__version__,
-              "results": saved_per_token_and_layer(args.device) if args.what == "saved" else peak_step(args.device)}
+    results = saved_per_token_and_layer(args.device) if args.what == "saved" else peak_step(args.device, args.layers)
+    result = {"what": args.what, "widths": WIDTHS, "layers": None if args.what == "saved" else args.layers,
+              "dtype": "bfloat16", "device": args.device, "torch": torch.__version__, "results": results}
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:

@@ -127,10 +127,11 @@ class MixLoraModel(PeftModel):
         return [record.logits for record in self.routing]
 
     def set_dispatch(self, dispatch: str) -> None:
-        """Every MoE layer computes through ``dispatch`` (one of ``loramix.DISPATCHES``): ``"grouped"`` (the
-        default: sorted expert segments), ``"dense"`` (sync-free masked matmuls: faster on a GPU, more
-        activation memory) or ``"per_expert"`` (one expert at a time, straight from the formula). All compute
-        the same function (tests/test_fast_path.py)."""
+        """Every MoE layer computes through ``dispatch``: ``"auto"`` (the default: per call, the path its table
+        names for the device, dtype and widths) or one of ``loramix.DISPATCHES``: ``"grouped"`` (sorted expert
+        segments), ``"grouped_mm"`` (the same as grouped GEMMs, no host syncs), ``"dense"`` (sync-free masked
+        matmuls, more activation memory) or ``"per_expert"`` (one expert at a time, straight from the
+        formula). All compute the same function (tests/test_fast_path.py)."""
         check_dispatch(dispatch)
         for layer in self._moe_layers:
             layer.dispatch = dispatch

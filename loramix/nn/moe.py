@@ -41,7 +41,7 @@ class MixLoraFFN(nn.Module):
 
     ``experts`` maps each adapted FFN projection of ``base_ffn`` to its :class:`ExpertLoras`; ``router``
     (routing.py) picks the experts; ``dispatch`` names the path that computes the mixture
-    (``loramix.DISPATCHES``; DoRA experts always take the per-expert path).
+    (``"auto"``, the default, or one of ``loramix.DISPATCHES``; DoRA experts always take the per-expert path).
     """
 
     def __init__(self, *, base_ffn: BaseFFN, router: TopKRouter, experts: Mapping[str, ExpertLoras],

@@ -48,8 +48,8 @@ class AutoRule:
 
 AUTO_TABLE: tuple[AutoRule, ...] = (
     AutoRule("cpu", None, None, False, "grouped",
-             "measured (benchmarks/README.md, CPU: every dispatch): at the default shape grouped_mm is within a "
-             "few percent of grouped (0-4 % slower per training step), dense and per_expert 1.3-1.6x it"),
+             "measured (benchmarks/README.md, CPU: every dispatch): at the default shape grouped_mm is no faster "
+             "(fp32: 0-5 % slower per training step; bf16: mixed), dense and per_expert 1.3-1.6x grouped's step"),
     AutoRule("cuda", (torch.bfloat16,), CUTLASS_MAJORS, True, "grouped_mm",
              "unmeasured (benchmarks/gpu.sh settles it): PyTorch's CUTLASS grouped GEMM (bf16, sm90/sm100) "
              "needs no host sync and no per-expert launches, and keeps grouped's FLOPs and memory"),
